@@ -1,0 +1,1 @@
+"""Data: image IO, MATLAB-compatible bicubic degradation, the embedded demo set and the data stage."""

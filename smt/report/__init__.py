@@ -1,0 +1,1 @@
+"""Figures and HTML pages for the stage reports and ``reports/index.html``."""

@@ -1,0 +1,73 @@
+"""Small PNG figures for the reports: zoomed visual crops side by side."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["most_detailed_crop", "save_crop_grid", "save_thumbnails"]
+
+
+def most_detailed_crop(hr: np.ndarray, size: int) -> tuple[int, int]:
+    """Top-left corner of the ``size`` x ``size`` window with the most gradient energy (deterministic)."""
+    gray = hr.astype(np.float64).mean(axis=2)
+    energy = np.abs(np.diff(gray, axis=0))[:, :-1] + np.abs(np.diff(gray, axis=1))[:-1, :]
+    size = min(size, energy.shape[0], energy.shape[1])
+    integral = np.pad(energy, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    sums = integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]
+    top, left = np.unravel_index(np.argmax(sums), sums.shape)
+    return int(top), int(left)
+
+
+def save_crop_grid(path: str | Path, rows: list[tuple[str, Mapping[str, np.ndarray]]], crop_size: int,
+                   scores: Mapping[tuple[str, str], float] | None = None) -> None:
+    """One row per image, one column per method (HR first): the most detailed ``crop_size`` crop of each.
+
+    ``rows`` holds ``(image_id, {method: uint8 image})``; ``scores[(image_id, method)]`` is printed as PSNR-Y.
+    """
+    methods = list(rows[0][1])
+    fig, axes = plt.subplots(len(rows), len(methods), figsize=(2.2 * len(methods), 2.3 * len(rows)), squeeze=False)
+    for r, (img_id, images) in enumerate(rows):
+        top, left = most_detailed_crop(images[methods[0]], crop_size)
+        for c, m in enumerate(methods):
+            ax = axes[r][c]
+            ax.imshow(images[m][top:top + crop_size, left:left + crop_size], interpolation="nearest")
+            title = m if r == 0 else ""
+            if scores and (img_id, m) in scores:
+                title = f"{title}\n{scores[(img_id, m)]:.2f} dB" if title else f"{scores[(img_id, m)]:.2f} dB"
+            ax.set_title(title, fontsize=8)
+            ax.set_xticks([]), ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(img_id, fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def save_thumbnails(root: str | Path, manifests: Mapping, path: str | Path, size: int = 160) -> Path:
+    """A grid of every HR image of every split (titled ``split/id source WxH``)."""
+    from PIL import Image
+
+    entries = [(split, row) for split, df in manifests.items() for row in df.itertuples()]
+    cols = min(6, max(1, len(entries)))
+    nrows = -(-len(entries) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(1.9 * cols, 2.1 * nrows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (split, row) in zip(axes.ravel(), entries):
+        with Image.open(Path(root) / row.hr_path) as im:
+            im.thumbnail((size, size))
+            ax.imshow(np.asarray(im))
+        ax.set_title(f"{split}/{row.id} {row.source}\n{row.hr_width}x{row.hr_height}", fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -1,0 +1,68 @@
+"""``reports/index.html``: the page a reviewer opens first (headline table, protocol, links to every report)."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Mapping
+
+__all__ = ["write_index", "write_metrics", "STAGE_TITLES"]
+
+# display order and titles of the stage reports; a report not listed here is appended by name
+STAGE_TITLES = {
+    "data": "Data: demo image set, bicubic LR, manifests",
+    "report": "Evaluation: PSNR/SSIM of every method on the validation images",
+}
+
+
+def _table(summary: Mapping[str, Mapping[str, float]]) -> str:
+    head = "<tr><th>method</th><th>PSNR-Y (dB)</th><th>SSIM-Y</th><th>PSNR-RGB (dB)</th><th>SSIM-RGB</th></tr>"
+    body = "".join(
+        f"<tr><td>{html.escape(m)}</td><td>{v['psnr_y']:.3f}</td><td>{v['ssim_y']:.4f}</td>"
+        f"<td>{v['psnr_rgb']:.3f}</td><td>{v['ssim_rgb']:.4f}</td></tr>"
+        for m, v in summary.items()
+    )
+    return f"<table>{head}{body}</table>"
+
+
+def write_index(reports_dir: str | Path, metrics: Mapping, protocol: str, data_note: str,
+                writing_stage: str = "report") -> Path:
+    """Write ``reports_dir/index.html`` from the metrics dict (``metrics['valid'][method][metric]``).
+
+    Links every ``reports_dir/<stage>/<stage>.html`` present, plus ``writing_stage``'s, whose HTML is exported
+    after its notebook (the caller) finishes.
+    """
+    reports_dir = Path(reports_dir)
+    found = {p.parent.name: p for p in sorted(reports_dir.glob("*/*.html")) if p.stem == p.parent.name}
+    found.setdefault(writing_stage, reports_dir / writing_stage / f"{writing_stage}.html")
+    order = [s for s in STAGE_TITLES if s in found] + sorted(set(found) - set(STAGE_TITLES))
+    links = "".join(
+        f'<li><a href="{html.escape(found[s].relative_to(reports_dir).as_posix())}">'
+        f"{html.escape(STAGE_TITLES.get(s, s))}</a></li>"
+        for s in order
+    )
+    tables = "".join(
+        f"<h2>{html.escape(split)} images ({metrics.get('num_images', {}).get(split, '?')})</h2>{_table(summary)}"
+        for split, summary in metrics.items()
+        if split in ("valid", "test")
+    )
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>SMT reports</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #bbb;padding:.3em .7em;text-align:right}}td:first-child{{text-align:left}}</style>
+</head><body>
+<h1>SMT: NTIRE 2025 x4 super-resolution, reproduced</h1>
+<p><b>Protocol.</b> {html.escape(protocol)}. Mean over images.</p>
+<p><b>Data.</b> {html.escape(data_note)}</p>
+{tables}
+<h2>Stage reports</h2><ul>{links}</ul>
+<p><small>Raw numbers: <code>metrics.json</code>; per-image scores: <code>report/per_image.csv</code>.</small></p>
+</body></html>
+"""
+    out = reports_dir / "index.html"
+    out.write_text(page)
+    return out
+
+
+def write_metrics(path: str | Path, metrics: Mapping) -> None:
+    Path(path).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

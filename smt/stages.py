@@ -1,0 +1,51 @@
+"""Run a pipeline stage: execute its notebook with papermill and export the result to HTML.
+
+Each stage ``S`` runs ``notebooks/<file>.ipynb`` with an explicit kernel (``python3``) and the parameter
+``params_path``; the executed notebook and a self-contained HTML export (no code cells, no CDN scripts) are
+written to ``reports/S/``. A failing cell raises, and ``python -m smt stage S`` exits non-zero, so DVC stops.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["STAGES", "run_stage", "export_html"]
+
+STAGES: dict[str, str] = {
+    "data": "notebooks/01_data.ipynb",
+    "report": "notebooks/90_report.ipynb",
+}
+KERNEL = "python3"
+
+
+def export_html(notebook: Path, html_path: Path) -> None:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    exporter.mathjax_url = ""
+    exporter.require_js_url = ""
+    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+    html_path.write_text(body)
+
+
+def run_stage(name: str, params_path: str = "params.yaml", root: str | Path = ".",
+              reports_dir: str = "reports") -> Path:
+    """Execute stage ``name``'s notebook from ``root``; returns the HTML report's path."""
+    import papermill
+
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r} (valid stages: {', '.join(STAGES)})")
+    root = Path(root).resolve()
+    notebook = root / STAGES[name]
+    out_dir = root / reports_dir / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    executed = out_dir / notebook.name
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    papermill.execute_notebook(
+        str(notebook), str(executed), parameters={"params_path": params_path}, kernel_name=KERNEL,
+        cwd=str(root), progress_bar=False, log_output=True, report_mode=False,
+    )
+    html_path = out_dir / f"{name}.html"
+    export_html(executed, html_path)
+    return html_path

@@ -1,0 +1,83 @@
+"""End to end: `dvc repro` on a minimal parameter set in a temporary copy of the repository."""
+import json
+import re
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from smt.data.images import read_image
+from smt.evaluate import bicubic_upscale
+from smt.metrics import NTIRE2025, evaluate_pair
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _run(cmd, cwd):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, f"{cmd} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    work = tmp_path_factory.mktemp("pipeline")
+    for name in ("smt", "notebooks"):
+        shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(max_side=64, train_images=["camera"], valid_images=["astronaut", "coins"],
+                          test_images=[])
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    _run(["git", "init", "-q"], work)
+    _run([sys.executable, "-m", "dvc", "init", "-q"], work)
+    return work
+
+
+def test_repro_writes_reports_and_metrics(workdir):
+    _run([sys.executable, "-m", "dvc", "repro"], workdir)
+    metrics = json.loads((workdir / "reports" / "metrics.json").read_text())
+    assert metrics["protocol"] == "NTIRE2025" and metrics["num_images"] == {"valid": 2}
+    # recompute the bicubic score independently of the stage
+    scores = []
+    for i in ("0101", "0102"):
+        hr = read_image(workdir / "data/demo/valid_HR" / f"{i}.png")
+        lr = read_image(workdir / "data/demo/valid_LR_bicubic/X4" / f"{i}x4.png")
+        scores.append(evaluate_pair(bicubic_upscale(lr, 4), hr, NTIRE2025)["psnr_y"])
+    assert metrics["valid"]["bicubic"]["psnr_y"] == pytest.approx(sum(scores) / 2, abs=1e-9)
+    assert 15 < metrics["valid"]["bicubic"]["psnr_y"] < 40
+    for stage in ("data", "report"):
+        html = (workdir / "reports" / stage / f"{stage}.html").read_text()
+        assert not re.search(r'(src|href)="https?://', html), "report loads resources from the network"
+        assert "Traceback" not in html
+    index = (workdir / "reports" / "index.html").read_text()
+    assert 'href="data/data.html"' in index and 'href="report/report.html"' in index and "NTIRE2025" in index
+
+
+def test_second_repro_does_nothing_and_param_change_reruns_dependents(workdir):
+    out = _run([sys.executable, "-m", "dvc", "repro"], workdir)
+    assert "Running stage" not in out
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["report"]["crop_size"] = 32
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    out = _run([sys.executable, "-m", "dvc", "repro"], workdir)
+    assert "Running stage 'report'" in out and "Running stage 'data'" not in out
+
+
+def test_failing_cell_fails_the_stage(workdir):
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["data"]["train_images"] = ["no_such_image"]
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    res = subprocess.run([sys.executable, "-m", "smt", "stage", "data"], cwd=workdir, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "unknown demo image 'no_such_image'" in res.stdout + res.stderr
+    # the previous data set is untouched: a failed stage loses no data
+    assert (workdir / "data/demo/valid_HR/0101.png").exists()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from smt.config import DataConfig, ReportConfig
 from smt.data.dataset_builder import read_manifest

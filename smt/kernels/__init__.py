@@ -1,0 +1,10 @@
+"""Kernels behind one function each, with a reference implementation beside every fast path.
+
+- :func:`window_attention`: multi-head attention with an additive bias (relative position, shifted-window
+  mask), plain matmul-softmax reference or ``scaled_dot_product_attention``.
+- :func:`selective_scan`: mamba_ssm's selective scan (reference loop; fast paths in ``selective_scan``).
+"""
+from smt.kernels.attention import window_attention
+from smt.kernels.selective_scan import selective_scan, selective_scan_ref
+
+__all__ = ["window_attention", "selective_scan", "selective_scan_ref"]

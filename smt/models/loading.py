@@ -1,0 +1,119 @@
+"""One checkpoint loader for every source: official ``.pth`` files and our ``.safetensors``.
+
+:func:`read_state_dict` canonicalises what a file holds into a flat ``{name: tensor}``: it unwraps the usual
+containers (``params_ema`` first, then ``params``, ``state_dict``, ``model``) and strips ``module.``
+(DistributedDataParallel) and ``_orig_mod.`` (``torch.compile``) prefixes. ``.pth``/``.pt`` files are read with
+``torch.load(weights_only=True)``, so a checkpoint cannot run code.
+
+:func:`load_weights` loads strictly: any missing or unexpected key or shape mismatch raises
+:class:`CheckpointError` listing them by name, before anything is copied. Keys under ``allow_missing``
+prefixes (a model's auxiliary heads when loading an official checkpoint) may be missing; they are reported in
+the returned :class:`LoadReport` and keep their initial values.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["CheckpointError", "LoadReport", "read_state_dict", "load_weights", "compare_state_dicts"]
+
+_CONTAINER_KEYS = ("params_ema", "params", "state_dict", "model")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model, with the differing keys named."""
+
+
+@dataclass
+class LoadReport:
+    path: str
+    container: str | None  # which container key held the weights, if any
+    loaded: int
+    missing_allowed: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        where = f" (from '{self.container}')" if self.container else ""
+        msg = f"{self.path}: loaded {self.loaded} tensors{where}"
+        if self.missing_allowed:
+            msg += f"; {len(self.missing_allowed)} not in the checkpoint, left at init: " + \
+                   ", ".join(self.missing_allowed[:8]) + (" ..." if len(self.missing_allowed) > 8 else "")
+        return msg
+
+
+def _strip(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if name.startswith(p):
+                name, changed = name[len(p):], True
+    return name
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
+    """``(state_dict, container_key)`` from a ``.pth``/``.pt``/``.ckpt`` or ``.safetensors`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: object = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch/safetensors raise many types for corrupt files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    container = None
+    if isinstance(obj, Mapping):
+        for key in _CONTAINER_KEYS:
+            if key in obj and isinstance(obj[key], Mapping):
+                obj, container = obj[key], key
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: no state dict found (looked for a tensor mapping, or one under "
+                              f"{', '.join(_CONTAINER_KEYS)})")
+    return {_strip(k): v for k, v in obj.items()}, container
+
+
+def compare_state_dicts(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor],
+                        allow_missing: Sequence[str] = ()) -> tuple[list[str], list[str], list[str], list[str]]:
+    """``(missing, missing_allowed, unexpected, shape_mismatches)`` between a model's and a file's tensors."""
+    missing = [k for k in expected if k not in found]
+    allowed = [k for k in missing if k.startswith(tuple(allow_missing))] if allow_missing else []
+    missing = [k for k in missing if k not in allowed]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in found and tuple(found[k].shape) != tuple(v.shape)]
+    return missing, allowed, unexpected, shapes
+
+
+def _listing(title: str, items: list[str], limit: int = 10) -> str:
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"\n  {title} ({len(items)}): " + ", ".join(items[:limit]) + more
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, allow_missing: Sequence[str] = ()) -> LoadReport:
+    """Load ``path`` into ``model`` strictly (see module docstring); returns what was loaded."""
+    state, container = read_state_dict(path)
+    expected = model.state_dict()
+    missing, allowed, unexpected, shapes = compare_state_dicts(expected, state, allow_missing)
+    if missing or unexpected or shapes:
+        msg = f"{path}: checkpoint does not fit {type(model).__name__}"
+        if missing:
+            msg += _listing("missing from the checkpoint", missing)
+        if unexpected:
+            msg += _listing("not in the model", unexpected)
+        if shapes:
+            msg += _listing("shape mismatches", shapes, 5)
+        msg += "\n  (a different preset or architecture? check embed_dim, depths, window_size and upscale)"
+        raise CheckpointError(msg)
+    result = model.load_state_dict({**{k: expected[k] for k in allowed}, **state}, strict=True)
+    del result
+    return LoadReport(str(path), container, len(state), allowed)

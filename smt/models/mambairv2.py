@@ -1,0 +1,336 @@
+"""MambaIRv2: attentive state-space restoration (Guo et al., CVPR 2025), x2/x3/x4 classic SR variant.
+
+Written from the paper and the official code's structure (csguoh/MambaIR, ``basicsr/archs/mambairv2_arch.py``):
+module and parameter names, constructor arguments, layer order and constants are those of the official class,
+so the official ``params`` checkpoints load with ``strict=True``.
+
+The attentive state-space module (ASSM) routes every pixel to one of ``num_tokens`` learned prompts, sorts the
+pixels by route so semantically similar ones are adjacent, runs one selective scan over the sorted sequence with
+the prompt added to ``C``, and unsorts. The official forward draws the route with
+``F.gumbel_softmax(hard=True)`` even in eval mode; ``routing="gumbel"`` (default) keeps that exactly (seed the
+global generator for reproducible outputs), ``routing="argmax"`` routes to the most likely prompt without
+noise (deterministic inference; no gradient reaches the router). Ties in the sort follow ``stable=False`` as
+in the official code.
+
+Differences from the official class, off the default numerical path: ``aux_scales`` (extra upsampling heads for
+the multi-scale loss, :meth:`MambaIRv2.forward_multiscale`), ``routing``, ``attn_impl``, ``scan_impl``, a
+working ``use_checkpoint``, and padding that works for pads larger than the image (mirror repeated).
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from einops import rearrange
+
+from smt.kernels.attention import AttentionImpl, window_attention
+from smt.kernels.selective_scan import ScanImpl, selective_scan
+from smt.models.common import (RGB_MEAN, Upsample, pad_to_multiple, relative_position_index, shifted_window_mask,
+                               window_partition, window_reverse)
+from smt.models.hat import AuxHead, _init_weights, _PatchEmbed
+
+__all__ = ["MambaIRv2"]
+
+Routing = Literal["gumbel", "argmax"]
+
+
+class dwconv(nn.Module):  # noqa: N801 - official module name (appears in checkpoint keys)
+    def __init__(self, hidden_features: int, kernel_size: int) -> None:
+        super().__init__()
+        self.depthwise_conv = nn.Sequential(
+            nn.Conv2d(hidden_features, hidden_features, kernel_size, 1, (kernel_size - 1) // 2,
+                      groups=hidden_features), nn.GELU())
+
+    def forward(self, x: torch.Tensor, x_size: tuple[int, int]) -> torch.Tensor:
+        y = self.depthwise_conv(rearrange(x, "b (h w) c -> b c h w", h=x_size[0]))
+        return rearrange(y, "b c h w -> b (h w) c")
+
+
+class ConvFFN(nn.Module):
+    """fc1 -> GELU -> (+ depthwise conv branch) -> fc2."""
+
+    def __init__(self, in_features: int, hidden_features: int, kernel_size: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.dwconv = dwconv(hidden_features, kernel_size)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: torch.Tensor, x_size: tuple[int, int]) -> torch.Tensor:
+        x = self.act(self.fc1(x))
+        return self.fc2(x + self.dwconv(x, x_size))
+
+
+class WindowAttention(nn.Module):
+    """Window attention over precomputed qkv (the layer's ``wqkv`` projects), relative-position bias."""
+
+    def __init__(self, dim: int, window_size: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.proj = nn.Linear(dim, dim)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def forward(self, qkv: torch.Tensor, rpi: torch.Tensor, mask: torch.Tensor | None,
+                impl: AttentionImpl) -> torch.Tensor:
+        n = qkv.shape[1]
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        bias = self.relative_position_bias_table[rpi.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        if mask is not None:
+            nw = mask.shape[0]
+            bias = (bias.unsqueeze(0) + mask[None, :, None]).expand(qkv.shape[0] // nw, -1, -1, -1, -1)
+            bias = bias.reshape(qkv.shape[0], self.num_heads, n, n)
+        out = window_attention(q, k, v, bias, self.scale, impl)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class Selective_Scan(nn.Module):  # noqa: N801 - official module name
+    """Projections of the S6 layer (one scan direction, expand=1): x -> (dt, B, C), dt rank ceil(d/16)."""
+
+    def __init__(self, d_model: int, d_state: int, dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4) -> None:
+        super().__init__()
+        self.d_state, self.d_inner = d_state, d_model
+        self.dt_rank = math.ceil(d_model / 16)
+        self.x_proj_weight = nn.Parameter(torch.empty(1, self.dt_rank + 2 * d_state, d_model))
+        bound = d_model ** -0.5  # nn.Linear's default init
+        nn.init.uniform_(self.x_proj_weight, -bound, bound)
+        dt_std = self.dt_rank ** -0.5
+        self.dt_projs_weight = nn.Parameter(torch.empty(1, d_model, self.dt_rank).uniform_(-dt_std, dt_std))
+        dt = torch.exp(torch.rand(d_model) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_projs_bias = nn.Parameter((dt + torch.log(-torch.expm1(-dt)))[None])  # softplus^-1(dt)
+        self.A_logs = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_model, 1))
+        self.Ds = nn.Parameter(torch.ones(d_model))
+
+    def forward(self, x: torch.Tensor, prompt: torch.Tensor, impl: ScanImpl) -> torch.Tensor:
+        """``x`` (B, L, D), ``prompt`` (B, L, N) -> (B, L, D)."""
+        xs = rearrange(x, "b l d -> b d l")
+        x_dbl = torch.einsum("bdl,cd->bcl", xs, self.x_proj_weight[0])
+        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        dts = torch.einsum("brl,dr->bdl", dts, self.dt_projs_weight[0])
+        Cs = Cs.float() + rearrange(prompt, "b l n -> b n l").float()
+        y = selective_scan(
+            xs.float(), dts.float(), -torch.exp(self.A_logs.float()), Bs.float()[:, None], Cs[:, None],
+            self.Ds.float(), z=None, delta_bias=self.dt_projs_bias.float().view(-1), delta_softplus=True,
+            impl=impl)
+        return rearrange(y, "b d l -> b l d")
+
+
+def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+
+
+class ASSM(nn.Module):
+    """Attentive state-space module: prompt routing, semantic sort, selective scan, unsort."""
+
+    def __init__(self, dim: int, d_state: int, num_tokens: int, inner_rank: int, mlp_ratio: float) -> None:
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.num_tokens, self.d_state = num_tokens, d_state
+        self.selectiveScan = Selective_Scan(hidden, d_state)
+        self.out_norm = nn.LayerNorm(hidden)
+        self.out_proj = nn.Linear(hidden, dim)
+        self.in_proj = nn.Sequential(nn.Conv2d(dim, hidden, 1))
+        self.CPE = nn.Sequential(nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden))
+        self.embeddingB = nn.Embedding(num_tokens, inner_rank)
+        nn.init.uniform_(self.embeddingB.weight, -1 / num_tokens, 1 / num_tokens)
+        self.route = nn.Sequential(nn.Linear(dim, dim // 3), nn.GELU(), nn.Linear(dim // 3, num_tokens),
+                                   nn.LogSoftmax(dim=-1))
+
+    def forward(self, x: torch.Tensor, x_size: tuple[int, int], token: nn.Embedding, routing: Routing,
+                scan_impl: ScanImpl) -> torch.Tensor:
+        b, n, _ = x.shape
+        prompts = self.embeddingB.weight @ token.weight  # (num_tokens, d_state)
+        logits = self.route(x)
+        policy = F.gumbel_softmax(logits, hard=True, dim=-1) if routing == "gumbel" else _one_hot_argmax(logits)
+        prompt = (policy @ prompts).view(b, n, self.d_state)
+        route = policy.detach().argmax(-1)
+        order = torch.sort(route, dim=-1, stable=False).indices
+        inverse = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=x.device).expand(b, n))
+        x = self.in_proj(rearrange(x, "b (h w) c -> b c h w", h=x_size[0]))
+        x = rearrange(x * torch.sigmoid(self.CPE(x)), "b c h w -> b (h w) c")
+        x = torch.gather(x, 1, order[..., None].expand_as(x))
+        y = self.out_proj(self.out_norm(self.selectiveScan(x, prompt, scan_impl)))
+        return torch.gather(y, 1, inverse[..., None].expand_as(y))
+
+
+class AttentiveLayer(nn.Module):
+    """Window-attention half and ASSM half, each with a ConvFFN and a learned residual scale."""
+
+    def __init__(self, dim: int, d_state: int, num_heads: int, window_size: int, shift_size: int, inner_rank: int,
+                 num_tokens: int, convffn_kernel_size: int, mlp_ratio: float, qkv_bias: bool,
+                 norm_layer: type[nn.Module]) -> None:
+        super().__init__()
+        self.window_size, self.shift_size = window_size, shift_size
+        self.norm1, self.norm2, self.norm3, self.norm4 = (norm_layer(dim) for _ in range(4))
+        self.scale1 = nn.Parameter(1e-4 * torch.ones(dim))
+        self.scale2 = nn.Parameter(1e-4 * torch.ones(dim))
+        self.wqkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.win_mhsa = WindowAttention(dim, window_size, num_heads)
+        self.assm = ASSM(dim, d_state, num_tokens, inner_rank, mlp_ratio)
+        hidden = int(dim * mlp_ratio)
+        self.convffn1 = ConvFFN(dim, hidden, convffn_kernel_size)
+        self.convffn2 = ConvFFN(dim, hidden, convffn_kernel_size)
+        self.embeddingA = nn.Embedding(inner_rank, d_state)
+        nn.init.uniform_(self.embeddingA.weight, -1 / inner_rank, 1 / inner_rank)
+
+    def forward(self, x: torch.Tensor, x_size: tuple[int, int], params: dict) -> torch.Tensor:
+        h, w = x_size
+        s, ws = self.shift_size, self.window_size
+        shortcut = x
+        qkv = rearrange(self.wqkv(self.norm1(x)), "b (h w) c -> b h w c", h=h)
+        if s > 0:
+            qkv = torch.roll(qkv, shifts=(-s, -s), dims=(1, 2))
+        attn = self.win_mhsa(window_partition(qkv, ws), params["rpi_sa"], params["attn_mask"] if s > 0 else None,
+                             params["attn_impl"])
+        attn = window_reverse(attn, ws, h, w)
+        if s > 0:
+            attn = torch.roll(attn, shifts=(s, s), dims=(1, 2))
+        x_win = rearrange(attn, "b h w c -> b (h w) c") + shortcut
+        x_win = self.convffn1(self.norm2(x_win), x_size) + x_win
+        x = shortcut * self.scale1 + x_win
+        shortcut = x
+        x_aca = self.assm(self.norm3(x), x_size, self.embeddingA, params["routing"], params["scan_impl"]) + x
+        x = x_aca + self.convffn2(self.norm4(x_aca), x_size)
+        return shortcut * self.scale2 + x
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, depth: int, use_checkpoint: bool, window_size: int, **layer_kwargs) -> None:
+        super().__init__()
+        self.use_checkpoint = use_checkpoint
+        self.layers = nn.ModuleList([
+            AttentiveLayer(window_size=window_size, shift_size=0 if i % 2 == 0 else window_size // 2,
+                           **layer_kwargs)
+            for i in range(depth)])
+
+    def forward(self, x: torch.Tensor, x_size: tuple[int, int], params: dict) -> torch.Tensor:
+        for layer in self.layers:
+            if self.use_checkpoint and self.training:
+                x = cp.checkpoint(layer, x, x_size, params, use_reentrant=False)
+            else:
+                x = layer(x, x_size, params)
+        return x
+
+
+class ASSB(nn.Module):
+    """Attentive state-space group: layers, then a conv, with a residual connection around both."""
+
+    def __init__(self, dim: int, resi_connection: str, **block_kwargs) -> None:
+        super().__init__()
+        self.residual_group = BasicBlock(dim=dim, **block_kwargs)
+        if resi_connection == "1conv":
+            self.conv = nn.Conv2d(dim, dim, 3, 1, 1)
+        elif resi_connection == "3conv":
+            self.conv = _three_conv(dim)
+        else:
+            raise ValueError(f"resi_connection must be '1conv' or '3conv', got {resi_connection!r}")
+
+    def forward(self, x: torch.Tensor, x_size: tuple[int, int], params: dict) -> torch.Tensor:
+        y = rearrange(self.residual_group(x, x_size, params), "b (h w) c -> b c h w", h=x_size[0])
+        return rearrange(self.conv(y), "b c h w -> b (h w) c") + x
+
+
+def _three_conv(dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(dim, dim // 4, 3, 1, 1), nn.LeakyReLU(0.2, inplace=True),
+                         nn.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(0.2, inplace=True),
+                         nn.Conv2d(dim // 4, dim, 3, 1, 1))
+
+
+class MambaIRv2(nn.Module):
+    """MambaIRv2 for SR. Arguments as the official class; ours (keyword-only) after ``resi_connection``."""
+
+    def __init__(self, img_size: int = 64, patch_size: int = 1, in_chans: int = 3, embed_dim: int = 48,
+                 d_state: int = 8, depths: Sequence[int] = (6, 6, 6, 6), num_heads: Sequence[int] = (4, 4, 4, 4),
+                 window_size: int = 16, inner_rank: int = 32, num_tokens: int = 64, convffn_kernel_size: int = 5,
+                 mlp_ratio: float = 2.0, qkv_bias: bool = True, norm_layer: type[nn.Module] = nn.LayerNorm,
+                 ape: bool = False, patch_norm: bool = True, use_checkpoint: bool = False, upscale: int = 2,
+                 img_range: float = 1.0, upsampler: str = "", resi_connection: str = "1conv", *,
+                 aux_scales: Sequence[int] = (), routing: Routing = "gumbel", attn_impl: AttentionImpl = "sdpa",
+                 scan_impl: ScanImpl = "auto") -> None:
+        super().__init__()
+        if upsampler != "pixelshuffle":
+            raise ValueError(f"MambaIRv2: only upsampler='pixelshuffle' is implemented, got {upsampler!r}")
+        if patch_size != 1:
+            raise ValueError(f"MambaIRv2: patch_size must be 1 for SR, got {patch_size}")
+        if len(depths) != len(num_heads):
+            raise ValueError(f"MambaIRv2: depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length")
+        if upscale in aux_scales:
+            raise ValueError(f"MambaIRv2: aux_scales {tuple(aux_scales)} must not contain the main scale {upscale}")
+        if routing not in ("gumbel", "argmax"):
+            raise ValueError(f"MambaIRv2: routing must be 'gumbel' or 'argmax', got {routing!r}")
+        num_feat = 64
+        self.window_size, self.img_range, self.upscale, self.upsampler = window_size, img_range, upscale, upsampler
+        self.aux_scales = tuple(aux_scales)
+        self.routing: Routing = routing
+        self.attn_impl: AttentionImpl = attn_impl
+        self.scan_impl: ScanImpl = scan_impl
+        self.register_buffer("mean", torch.tensor(RGB_MEAN if in_chans == 3 else (0.0,)).view(1, -1, 1, 1),
+                             persistent=False)
+        self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
+        self.patch_embed = _PatchEmbed(embed_dim, norm_layer if patch_norm else None)
+        self.ape = ape
+        if ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, (img_size // patch_size) ** 2, embed_dim))
+            nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
+        self.register_buffer("relative_position_index_SA", relative_position_index(window_size))
+        self.layers = nn.ModuleList([
+            ASSB(dim=embed_dim, resi_connection=resi_connection, depth=depth, use_checkpoint=use_checkpoint,
+                 window_size=window_size, d_state=d_state, num_heads=heads, inner_rank=inner_rank,
+                 num_tokens=num_tokens, convffn_kernel_size=convffn_kernel_size, mlp_ratio=mlp_ratio,
+                 qkv_bias=qkv_bias, norm_layer=norm_layer)
+            for depth, heads in zip(depths, num_heads)])
+        self.norm = norm_layer(embed_dim)
+        self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1) if resi_connection == "1conv" \
+            else _three_conv(embed_dim)
+        self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
+        self.upsample = Upsample(upscale, num_feat)
+        self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
+        if self.aux_scales:
+            self.aux_heads = nn.ModuleDict({f"x{s}": AuxHead(embed_dim, num_feat, s, in_chans)
+                                            for s in self.aux_scales})
+        self.apply(_init_weights)
+
+    def forward_features(self, x: torch.Tensor, params: dict) -> torch.Tensor:
+        x_size = (x.shape[2], x.shape[3])
+        x = self.patch_embed(x)
+        if self.ape:
+            x = x + self.absolute_pos_embed
+        for layer in self.layers:
+            x = layer(x, x_size, params)
+        return rearrange(self.norm(x), "b (h w) c -> b c h w", h=x_size[0])
+
+    def _body(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        x, h, w = pad_to_multiple(x, self.window_size, "symmetric")
+        x = (x - self.mean.to(x.dtype)) * self.img_range
+        params = {
+            "attn_mask": shifted_window_mask(x.shape[2], x.shape[3], self.window_size, self.window_size // 2)
+            .to(x.device, x.dtype),
+            "rpi_sa": self.relative_position_index_SA, "routing": self.routing, "attn_impl": self.attn_impl,
+            "scan_impl": self.scan_impl,
+        }
+        x = self.conv_first(x)
+        return self.conv_after_body(self.forward_features(x, params)) + x, h, w
+
+    def _head(self, feat: torch.Tensor, h: int, w: int, scale: int) -> torch.Tensor:
+        if scale == self.upscale:
+            y = self.conv_last(self.upsample(self.conv_before_upsample(feat)))
+        else:
+            y = self.aux_heads[f"x{scale}"](feat)
+        y = y / self.img_range + self.mean.to(y.dtype)
+        return y[..., : h * scale, : w * scale]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feat, h, w = self._body(x)
+        return self._head(feat, h, w, self.upscale)
+
+    def forward_multiscale(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Outputs of the main head and every auxiliary head, keyed by scale, from one body pass."""
+        feat, h, w = self._body(x)
+        return {s: self._head(feat, h, w, s) for s in (self.upscale, *self.aux_scales)}

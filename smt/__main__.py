@@ -1,4 +1,5 @@
-"""Command line: ``python -m smt stage NAME`` (a DVC stage) and ``python -m smt evaluate SR_DIR HR_DIR``."""
+"""Command line: ``python -m smt stage NAME`` (a DVC stage), ``train`` (one training stage; what ``torchrun``
+launches), ``evaluate SR_DIR HR_DIR`` (score a folder the challenge's way), ``pipeline`` (write dvc.yaml)."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,48 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from smt.config import load_section
+    from smt.train.engine import train_stage
+
+    data_cfg, cfg = load_section("data", args.params), load_section("train", args.params)
+    result = train_stage(cfg, args.model, args.round, args.stage, data_cfg.root, data_cfg.scale,
+                         max_steps=args.max_steps)
+    print(json.dumps(result.__dict__, indent=2))
+    return 0
+
+
+def _cmd_upscale(args: argparse.Namespace) -> int:
+    import torch
+
+    from smt.infer.upscale import collect_inputs, model_from_checkpoint, upscale_files
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    files = collect_inputs(args.inputs)
+    net = model_from_checkpoint(args.checkpoint, args.model, args.device)
+    summary = upscale_files(files, args.out, net, tile=args.tile, overlap=args.tile_overlap,
+                            use_self_ensemble=args.self_ensemble, overwrite=args.overwrite)
+    for path, why in summary.skipped:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    print(f"wrote {len(summary.written)} image(s) to {args.out}")
+    return 1 if summary.skipped else 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from smt.pipeline import write_dvc_yaml
+
+    path = write_dvc_yaml(args.params, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m smt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,10 +83,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol", default="NTIRE2025", choices=["NTIRE2025", "BasicSR"])
     p.add_argument("--csv", help="also write the per-image scores here")
     p.set_defaults(func=_cmd_evaluate)
+    p = sub.add_parser("train", help="train one (model, round, stage); runs under torchrun as well")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--model", required=True)
+    p.add_argument("--round", type=int, default=1)
+    p.add_argument("--stage", required=True)
+    p.add_argument("--max-steps", type=int, help="stop (and save) after this many steps in total")
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("upscale", help="super-resolve your images with a checkpoint")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True, help="output folder (written as <name>x4.png)")
+    p.add_argument("--checkpoint", required=True, help="official .pth or our model.safetensors")
+    p.add_argument("--model", help="preset (hat_l, mambairv2_l, ...); optional for our own checkpoints")
+    p.add_argument("--tile", type=int, default=0, help="LR tile size for bounded memory (0 = whole image)")
+    p.add_argument("--tile-overlap", type=int, default=8)
+    p.add_argument("--self-ensemble", action="store_true", help="x8 geometric self-ensemble (8x slower)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_upscale)
+    p = sub.add_parser("pipeline", help="write dvc.yaml from params.yaml (models, rounds, stages)")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--out", default="dvc.yaml")
+    p.set_defaults(func=_cmd_pipeline)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -2,7 +2,7 @@
 
 ``params.yaml`` is the only home of hyperparameters. Each stage reads its section with :func:`load_section`;
 an unknown key, a missing required key or a value of the wrong type raises :class:`ConfigError` naming the
-key (``data.scale: expected int, got str 'four'``). Sections are registered in the plain dict ``SECTIONS``.
+key (``data.scale: expected int, got str 'four'``). Sections are listed in the plain dict of :func:`_sections`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-__all__ = ["ConfigError", "DataConfig", "ReportConfig", "SECTIONS", "load_params", "load_section", "parse_section"]
+__all__ = ["ConfigError", "DataConfig", "SelectConfig", "InferConfig", "ReportConfig", "load_params", "load_section", "parse_section", "as_dict"]
 
 
 class ConfigError(ValueError):
@@ -64,7 +64,68 @@ class ReportConfig:
             raise ConfigError(f"report.num_crops: must be >= 1, got {self.num_crops}")
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "report": ReportConfig}
+@dataclass(frozen=True)
+class SelectConfig:
+    """The ``select`` stage: CLIP ranking of the training pool (see :mod:`smt.select.clip_select`)."""
+
+    model: str = "ViT-B-32"  # an open_clip architecture, or "smt-tiny-vit" (ours, for the demo)
+    pretrained: str = ""  # an open_clip tag (needs a download) or a local checkpoint path; "" = none
+    allow_untrained: bool = False  # without usable weights: stop (False) or use untrained features (True)
+    top_k: int = 2000
+    dedup_threshold: float = 0.95  # cosine above which a candidate is a near-duplicate of a pick; 1.0 = off
+    per_source_cap: int = 0  # most picks per source; 0 = no cap
+    crops: int = 2  # views per image: the whole image plus a crops x crops grid
+    pool_split: str = "train"
+    target_splits: tuple[str, ...] = ("valid", "test")
+    cache_dir: str = "data/clip_cache"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ConfigError(f"select.top_k: must be >= 1, got {self.top_k}")
+        if not -1.0 <= self.dedup_threshold <= 1.0:
+            raise ConfigError(f"select.dedup_threshold: must be a cosine in [-1, 1], got {self.dedup_threshold}")
+        if self.crops < 1 or self.per_source_cap < 0:
+            raise ConfigError("select.crops must be >= 1 and select.per_source_cap >= 0")
+        if not self.target_splits:
+            raise ConfigError("select.target_splits: at least one split is needed")
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """The ``infer`` stage: ensembles of the final trained models on the validation and test images."""
+
+    models: tuple[str, ...] = ("hat", "mambairv2")  # names in train.models; their last (round, stage) is used
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    self_ensemble: bool = True
+    tile: int = 0  # LR tile for single-window inference (0 = whole image)
+    tile_overlap: int = 8  # LR pixels
+    tile_batch: int = 4
+    multi_window_model: str = "mambairv2"  # the model run at several tile sizes ("" = none)
+    window_tiles: tuple[int, ...] = (100, 200, 300, 400, 500)
+    window_weights: tuple[float, ...] = (1.0, 1.0, 1.2, 0.8, 0.8)
+    routing: Literal["gumbel", "argmax"] = "argmax"  # MambaIRv2 prompt routing at inference
+    seed: int = 0  # seeds the Gumbel noise when routing is "gumbel"
+    fusion_grid: int = 101
+
+    def __post_init__(self) -> None:
+        if len(self.window_tiles) != len(self.window_weights):
+            raise ConfigError("infer.window_weights: needs one weight per entry of infer.window_tiles")
+        if any(t < 1 for t in self.window_tiles):
+            raise ConfigError(f"infer.window_tiles: must be positive, got {list(self.window_tiles)}")
+        if self.multi_window_model and self.multi_window_model not in self.models:
+            raise ConfigError(f"infer.multi_window_model: {self.multi_window_model!r} is not in infer.models")
+        if self.tile_overlap < 0 or self.tile_batch < 1 or self.fusion_grid < 2:
+            raise ConfigError("infer.tile_overlap >= 0, infer.tile_batch >= 1 and infer.fusion_grid >= 2 needed")
+
+
+def _sections() -> dict[str, type]:
+    from smt.train.config import TrainConfig
+
+    return {"data": DataConfig, "select": SelectConfig, "train": TrainConfig, "infer": InferConfig,
+            "report": ReportConfig}
+
+
 
 
 def _type_name(tp: Any) -> str:
@@ -98,7 +159,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
@@ -157,12 +218,13 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
 
 def load_section(name: str, path: str | Path = "params.yaml") -> Any:
     """Read section ``name`` of ``path`` into its validated dataclass."""
-    if name not in SECTIONS:
-        raise ConfigError(f"unknown section {name!r} (valid sections: {', '.join(sorted(SECTIONS))})")
+    sections = _sections()
+    if name not in sections:
+        raise ConfigError(f"unknown section {name!r} (valid sections: {', '.join(sorted(sections))})")
     raw = load_params(path)
     if name not in raw:
         raise ConfigError(f"{path}: section {name!r} is missing")
-    return parse_section(SECTIONS[name], raw[name], name)
+    return parse_section(sections[name], raw[name], name)
 
 
 def as_dict(cfg: Any) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Run a pipeline stage: execute its notebook with papermill and export the result to HTML.
 
-Each stage ``S`` runs ``notebooks/<file>.ipynb`` with an explicit kernel (``python3``) and the parameter
-``params_path``; the executed notebook and a self-contained HTML export (no code cells, no CDN scripts) are
+Each stage ``S`` runs its notebook (:func:`smt.pipeline.stage_notebooks`) with an explicit kernel
+(``python3``) and the parameters ``params_path`` plus the stage's own (model, round, stage for training); the executed notebook and a self-contained HTML export (no code cells, no CDN scripts) are
 written to ``reports/S/``. A failing cell raises, and ``python -m smt stage S`` exits non-zero, so DVC stops.
 """
 from __future__ import annotations
@@ -9,13 +9,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["STAGES", "run_stage", "export_html"]
+__all__ = ["stage_table", "run_stage", "export_html"]
 
-STAGES: dict[str, str] = {
-    "data": "notebooks/01_data.ipynb",
-    "report": "notebooks/90_report.ipynb",
-}
 KERNEL = "python3"
+
+
+def stage_table(params_path: str = "params.yaml") -> dict[str, tuple[str, dict]]:
+    """Stage name -> (notebook, extra notebook parameters) for the params file's pipeline."""
+    from smt.config import load_params, load_section
+    from smt.pipeline import stage_notebooks
+
+    cfg = load_section("train", params_path) if "train" in load_params(params_path) else None
+    return stage_notebooks(cfg)
 
 
 def export_html(notebook: Path, html_path: Path) -> None:
@@ -34,16 +39,18 @@ def run_stage(name: str, params_path: str = "params.yaml", root: str | Path = ".
     """Execute stage ``name``'s notebook from ``root``; returns the HTML report's path."""
     import papermill
 
-    if name not in STAGES:
-        raise KeyError(f"unknown stage {name!r} (valid stages: {', '.join(STAGES)})")
     root = Path(root).resolve()
-    notebook = root / STAGES[name]
+    table = stage_table(str(root / params_path))
+    if name not in table:
+        raise KeyError(f"unknown stage {name!r} (valid stages: {', '.join(table)})")
+    notebook_rel, extra = table[name]
+    notebook = root / notebook_rel
     out_dir = root / reports_dir / name
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / notebook.name
     os.environ.setdefault("MPLBACKEND", "Agg")
     papermill.execute_notebook(
-        str(notebook), str(executed), parameters={"params_path": params_path}, kernel_name=KERNEL,
+        str(notebook), str(executed), parameters={"params_path": params_path, **extra}, kernel_name=KERNEL,
         cwd=str(root), progress_bar=False, log_output=True, report_mode=False,
     )
     html_path = out_dir / f"{name}.html"

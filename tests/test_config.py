@@ -1,14 +1,14 @@
 import pytest
 import yaml
 
-from smt.config import ConfigError, DataConfig, ReportConfig, SECTIONS, load_section, parse_section
+from smt.config import ConfigError, DataConfig, ReportConfig, _sections, load_section, parse_section
 from conftest import REPO
 
 
 def test_repo_params_load():
-    for name in SECTIONS:
+    for name in _sections():
         cfg = load_section(name, REPO / "params.yaml")
-        assert isinstance(cfg, SECTIONS[name])
+        assert isinstance(cfg, _sections()[name])
     data = load_section("data", REPO / "params.yaml")
     assert data.scale == 4 and isinstance(data.train_images, tuple)
 

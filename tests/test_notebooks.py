@@ -4,14 +4,16 @@ import json
 import pytest
 import yaml
 
-from smt.stages import STAGES
+from smt.stages import stage_table
 from conftest import REPO
 
 NOTEBOOKS = sorted((REPO / "notebooks").rglob("*.ipynb"))
+STAGES = stage_table(str(REPO / "params.yaml"))
 
 
 def test_there_are_notebooks():
-    assert NOTEBOOKS and all(p.exists() for p in (REPO / s for s in STAGES.values()))
+    assert NOTEBOOKS and all((REPO / nb).exists() for nb, _ in STAGES.values())
+    assert {REPO / nb for nb, _ in STAGES.values()} == set(NOTEBOOKS)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -33,5 +35,16 @@ def test_dvc_stages_run_their_notebooks():
     assert set(dvc) == set(STAGES)
     for name, stage in dvc.items():
         assert stage["cmd"] == f"python -m smt stage {name}"
-        assert STAGES[name] in stage["deps"]
+        assert STAGES[name][0] in stage["deps"]
         assert f"reports/{name}" in stage["outs"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_stage_parameters_exist_in_the_notebook(path):
+    """Every parameter papermill injects is declared in the notebook's parameters cell."""
+    nb = json.loads(path.read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    declared = {line.split("=")[0].strip() for line in "".join(cell["source"]).splitlines() if "=" in line}
+    for nb_path, extra in STAGES.values():
+        if REPO / nb_path == path:
+            assert {"params_path", *extra} <= declared

@@ -34,7 +34,12 @@ def workdir(tmp_path_factory):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(max_side=64, train_images=["camera"], valid_images=["astronaut", "coins"],
                           test_images=[])
+    for stage in params["train"]["stages"].values():
+        stage.update(patch_size=8, batch_size=2, iters=3, milestones=[])
+    params["train"].update(val_every=2, ckpt_every=2, log_every=1, val_max_side=16)
+    params["infer"].update(window_tiles=[8, 16], window_weights=[1.0, 1.0], tile_overlap=2)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
+    _run([sys.executable, "-m", "smt", "pipeline"], work)
     _run(["git", "init", "-q"], work)
     _run([sys.executable, "-m", "dvc", "init", "-q"], work)
     return work
@@ -44,6 +49,9 @@ def test_repro_writes_reports_and_metrics(workdir):
     _run([sys.executable, "-m", "dvc", "repro"], workdir)
     metrics = json.loads((workdir / "reports" / "metrics.json").read_text())
     assert metrics["protocol"] == "NTIRE2025" and metrics["num_images"] == {"valid": 2}
+    assert list(metrics["valid"]) == ["bicubic", "hat", "hat+SE", "mambairv2", "mambairv2+SE", "mambairv2+SE+MW",
+                                      "fused"]
+    assert metrics["valid"]["hat"]["seconds_per_image"] > 0 and 0 <= metrics["fusion_weight"] <= 1
     # recompute the bicubic score independently of the stage
     scores = []
     for i in ("0101", "0102"):
@@ -52,12 +60,14 @@ def test_repro_writes_reports_and_metrics(workdir):
         scores.append(evaluate_pair(bicubic_upscale(lr, 4), hr, NTIRE2025)["psnr_y"])
     assert metrics["valid"]["bicubic"]["psnr_y"] == pytest.approx(sum(scores) / 2, abs=1e-9)
     assert 15 < metrics["valid"]["bicubic"]["psnr_y"] < 40
-    for stage in ("data", "report"):
+    for stage in ("data", "train_hat_r1_s1", "train_mambairv2_r1_s3", "infer", "report"):
         html = (workdir / "reports" / stage / f"{stage}.html").read_text()
         assert not re.search(r'(src|href)="https?://', html), "report loads resources from the network"
         assert "Traceback" not in html
     index = (workdir / "reports" / "index.html").read_text()
     assert 'href="data/data.html"' in index and 'href="report/report.html"' in index and "NTIRE2025" in index
+    assert "Training: mambairv2, round 1, stage s3" in index
+    assert (workdir / "models/hat/r1_s3/model.safetensors").exists()
 
 
 def test_second_repro_does_nothing_and_param_change_reruns_dependents(workdir):

@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["imresize", "resize_matrix", "to_uint8", "bicubic_degrade"]
+__all__ = ["imresize", "imresize_torch", "resize_matrix", "to_uint8", "bicubic_degrade"]
 
 
 def _cubic(x: np.ndarray) -> np.ndarray:
@@ -88,3 +88,17 @@ def bicubic_degrade(hr: np.ndarray, scale: int) -> np.ndarray:
     if hr.dtype != np.uint8:
         raise TypeError(f"expected a uint8 image, got {hr.dtype}")
     return to_uint8(imresize(hr.astype(np.float32) / 255.0, 1.0 / scale))
+
+
+def imresize_torch(x: "torch.Tensor", scale: float, antialiasing: bool = True) -> "torch.Tensor":
+    """:func:`imresize` for a batch of (..., H, W) tensors (e.g. training targets), as two matrix products.
+
+    The resize matrices are the float64 ones of :func:`resize_matrix`, cast to ``x``'s dtype; differentiable.
+    """
+    import torch
+
+    h, w = x.shape[-2:]
+    out_h, out_w = math.ceil(h * scale), math.ceil(w * scale)
+    mh = torch.as_tensor(resize_matrix(h, out_h, float(scale), antialiasing), dtype=x.dtype, device=x.device)
+    mw = torch.as_tensor(resize_matrix(w, out_w, float(scale), antialiasing), dtype=x.dtype, device=x.device)
+    return mh @ x @ mw.T

@@ -9,18 +9,29 @@ For channel ``d``, state ``n`` and position ``l``::
 ``B``/``C`` are (D, N) (time-invariant), (batch, N, L), or grouped (batch, G, N, L) with D/G channels per group.
 Computation is in float32 (float64 when the inputs are float64); the output has ``u``'s dtype.
 
-Implementations: :func:`selective_scan_ref` (a loop over L, kept as the reference for tests).
+Implementations, chosen by :func:`selective_scan` (``impl="auto"``):
+- CUDA: mamba_ssm's kernel when it imports; otherwise the reference (slow; no GPU kernel of ours yet).
+- CPU: :func:`selective_scan_cpu`, a C kernel (``csrc/selective_scan.c``; SIMD over channels, Python threads
+  over channel blocks) with a hand-written backward, built at first use. Why C and not a chunked parallel scan in PyTorch: the recurrence is memory-bound, and
+  a chunked scan materialises (L x N) or (L x T x N) intermediates per channel several times over, while the
+  sequential loop keeps the N-vector state in registers and reads each input once. Measured in
+  ``benchmarks/bench_kernels.py``.
+- :func:`selective_scan_ref`: a loop over L in PyTorch, kept as the reference for tests.
 """
 from __future__ import annotations
 
 from typing import Literal
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["selective_scan", "selective_scan_ref", "ScanImpl"]
+from smt.kernels.cpu_build import build_error, load_library
 
-ScanImpl = Literal["auto", "reference"]
+__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_cpu", "ScanImpl"]
+
+ScanImpl = Literal["auto", "reference", "cpu"]
 
 
 def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
@@ -71,9 +82,149 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (out, h) if return_last_state else out
 
 
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _run_jobs(fn, njobs: int, nthreads: int) -> None:
+    """Run ``fn(begin, end)`` over ``[0, njobs)`` split into ``nthreads`` contiguous ranges, in parallel.
+
+    The C kernel releases the GIL (ctypes), so Python threads run it truly in parallel; the ranges are fixed
+    by (njobs, nthreads), which keeps results bit-identical from run to run.
+    """
+    global _POOL
+    bounds = [njobs * i // nthreads for i in range(nthreads + 1)]
+    ranges = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if len(ranges) == 1:
+        fn(*ranges[0])
+        return
+    if _POOL is None or _POOL._max_workers < len(ranges):
+        _POOL = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="smt-scan")
+    for f in [_POOL.submit(fn, a, b) for a, b in ranges]:
+        f.result()
+
+
+class _CpuScan(torch.autograd.Function):
+    """Autograd wrapper of the C kernel: ``y = scan(u, dt, A, B, C)``.
+
+    ``u`` and ``dt`` are (b, L, D) with any strides as long as both have the same (a transposed view of a
+    (b, D, L) tensor works; channel-last memory gives contiguous SIMD loads); ``y`` is contiguous (b, L, D);
+    B and C are contiguous (b, G, L, N).
+    """
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C):
+        lib = load_library()
+        fwd = lib.scan_fwd_f64 if u.dtype == torch.float64 else lib.scan_fwd_f32
+        batch, length, dim = u.shape
+        groups, nstate = B.shape[1], B.shape[3]
+        y = u.new_empty(batch, length, dim)
+        last = u.new_empty(batch, dim, nstate)
+        njobs = batch * -(-dim // lib.scan_block_width())
+        args = (u.data_ptr(), dt.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(), y.data_ptr(),
+                last.data_ptr(), batch, dim, nstate, length, groups, *u.stride())
+        _run_jobs(lambda a, b: fwd(*args, a, b), njobs, max(1, torch.get_num_threads()))
+        ctx.save_for_backward(u, dt, A, B, C)
+        ctx.mark_non_differentiable(last)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, dy, _dlast):
+        lib = load_library()
+        u, dt, A, B, C = ctx.saved_tensors
+        bwd = lib.scan_bwd_f64 if u.dtype == torch.float64 else lib.scan_bwd_f32
+        batch, length, dim = u.shape
+        groups, nstate = B.shape[1], B.shape[3]
+        njobs = batch * -(-dim // lib.scan_block_width())
+        threads = max(1, min(torch.get_num_threads(), njobs))
+        dy = dy.contiguous()
+        du, ddt = u.new_empty(batch, length, dim), dt.new_empty(batch, length, dim)
+        # one accumulation buffer per job range (index = range number): no two threads write one element
+        dA = A.new_zeros(threads, dim, nstate)
+        dB = B.new_zeros(threads, *B.shape)
+        dC = C.new_zeros(threads, *C.shape)
+        bounds = [njobs * i // threads for i in range(threads + 1)]
+
+        def run(a: int, b: int) -> None:
+            i = bounds.index(a)
+            bwd(u.data_ptr(), dt.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(), dy.data_ptr(),
+                du.data_ptr(), ddt.data_ptr(), dA[i].data_ptr(), dB[i].data_ptr(), dC[i].data_ptr(),
+                batch, dim, nstate, length, groups, *u.stride(), a, b)
+
+        _run_jobs(run, njobs, threads)
+        return du, ddt, dA.sum(0), dB.sum(0), dC.sum(0)
+
+
+def _grouped(M: torch.Tensor, batch: int, dim: int, length: int, ct: torch.dtype) -> torch.Tensor:
+    """B or C as a contiguous (batch, G, L, N) tensor (time-invariant (D, N) becomes G = D)."""
+    M = M.to(ct)
+    if M.dim() == 2:
+        return M[None, :, None, :].expand(batch, dim, length, M.shape[1]).contiguous()
+    if M.dim() == 3:
+        M = M[:, None]
+    return M.transpose(-1, -2).contiguous()
+
+
+def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """The compiled CPU kernel (forward and backward); same semantics as :func:`selective_scan_ref`."""
+    dtype_in = u.dtype
+    ct = torch.float64 if torch.float64 in (u.dtype, delta.dtype, A.dtype) else torch.float32
+    u, delta, A = u.to(ct), delta.to(ct), A.to(ct).contiguous()
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(ct)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, length = u.shape
+    Bg, Cg = _grouped(B, batch, dim, length, ct), _grouped(C, batch, dim, length, ct)
+    if dim % Bg.shape[1] or Bg.shape[1] != Cg.shape[1]:
+        raise ValueError(f"selective_scan: {dim} channels cannot be split into B's {Bg.shape[1]} and C's "
+                         f"{Cg.shape[1]} groups")
+    u_t, dt_t = u.transpose(1, 2), delta.transpose(1, 2)  # (b, L, D) views; no copy
+    if u_t.stride() != dt_t.stride():
+        u_t, dt_t = u_t.contiguous(), dt_t.contiguous()
+    y, last = _CpuScan.apply(u_t, dt_t, A, Bg, Cg)
+    y = y.transpose(1, 2)
+    out = y if D is None else y + u * D.to(ct)[:, None]
+    if z is not None:
+        out = out * F.silu(z.to(ct))
+    out = out.to(dtype_in)
+    return (out, last) if return_last_state else out
+
+
+_MAX_STATE = 64  # MAXN in csrc/selective_scan.c; checked against the library when it loads
+
+
+def _cpu_kernel_ok(u: torch.Tensor, A: torch.Tensor) -> bool:
+    return u.device.type == "cpu" and A.shape[1] <= _MAX_STATE and load_library() is not None
+
+
+def _mamba_ssm_fn():
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception:  # not installed, or its compiled extension does not load (always on CPU machines)
+        return None
+    return selective_scan_fn
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, impl: ScanImpl = "auto"):
-    """Dispatch to an implementation: ``"auto"`` picks the best available for the inputs' device."""
-    if impl not in ("auto", "reference"):
-        raise ValueError(f"unknown selective scan impl {impl!r} (valid: 'auto', 'reference')")
-    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    """Dispatch: ``"auto"`` = mamba_ssm on CUDA when importable, the C kernel on CPU, else the reference."""
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if impl == "reference":
+        return selective_scan_ref(*args)
+    if impl == "cpu":
+        if A.shape[1] > _MAX_STATE:
+            raise ValueError(f"the CPU selective-scan kernel supports d_state <= {_MAX_STATE}, got {A.shape[1]}")
+        if load_library() is None:
+            raise RuntimeError(f"the CPU selective-scan kernel is unavailable: {build_error()}")
+        return selective_scan_cpu(*args)
+    if impl != "auto":
+        raise ValueError(f"unknown selective scan impl {impl!r} (valid: 'auto', 'reference', 'cpu')")
+    if u.is_cuda:
+        fn = _mamba_ssm_fn()
+        if fn is not None:
+            return fn(*args)
+        return selective_scan_ref(*args)
+    if _cpu_kernel_ok(u, A):
+        return selective_scan_cpu(*args)
+    return selective_scan_ref(*args)

@@ -8,7 +8,8 @@ containers (``params_ema`` first, then ``params``, ``state_dict``, ``model``) an
 :func:`load_weights` loads strictly: any missing or unexpected key or shape mismatch raises
 :class:`CheckpointError` listing them by name, before anything is copied. Keys under ``allow_missing``
 prefixes (a model's auxiliary heads when loading an official checkpoint) may be missing; they are reported in
-the returned :class:`LoadReport` and keep their initial values.
+the returned :class:`LoadReport` and keep their initial values. Keys under ``ignore_unexpected`` prefixes
+may be present in the file but not in the model (they are dropped).
 """
 from __future__ import annotations
 
@@ -83,12 +84,14 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
 
 
 def compare_state_dicts(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor],
-                        allow_missing: Sequence[str] = ()) -> tuple[list[str], list[str], list[str], list[str]]:
+                        allow_missing: Sequence[str] = (), ignore_unexpected: Sequence[str] = ()
+                        ) -> tuple[list[str], list[str], list[str], list[str]]:
     """``(missing, missing_allowed, unexpected, shape_mismatches)`` between a model's and a file's tensors."""
     missing = [k for k in expected if k not in found]
     allowed = [k for k in missing if k.startswith(tuple(allow_missing))] if allow_missing else []
     missing = [k for k in missing if k not in allowed]
-    unexpected = [k for k in found if k not in expected]
+    unexpected = [k for k in found if k not in expected
+                  and not (ignore_unexpected and k.startswith(tuple(ignore_unexpected)))]
     shapes = [f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(v.shape)}"
               for k, v in expected.items() if k in found and tuple(found[k].shape) != tuple(v.shape)]
     return missing, allowed, unexpected, shapes
@@ -99,11 +102,17 @@ def _listing(title: str, items: list[str], limit: int = 10) -> str:
     return f"\n  {title} ({len(items)}): " + ", ".join(items[:limit]) + more
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, allow_missing: Sequence[str] = ()) -> LoadReport:
-    """Load ``path`` into ``model`` strictly (see module docstring); returns what was loaded."""
+def load_weights(model: nn.Module, path: str | os.PathLike, allow_missing: Sequence[str] = (),
+                 ignore_unexpected: Sequence[str] = ()) -> LoadReport:
+    """Load ``path`` into ``model`` strictly (see module docstring); returns what was loaded.
+
+    ``ignore_unexpected``: prefixes of checkpoint keys the model may lack (our exported weights carry the
+    auxiliary heads of training; an inference model without them drops those tensors).
+    """
     state, container = read_state_dict(path)
     expected = model.state_dict()
-    missing, allowed, unexpected, shapes = compare_state_dicts(expected, state, allow_missing)
+    missing, allowed, unexpected, shapes = compare_state_dicts(expected, state, allow_missing, ignore_unexpected)
+    state = {k: v for k, v in state.items() if k in expected}
     if missing or unexpected or shapes:
         msg = f"{path}: checkpoint does not fit {type(model).__name__}"
         if missing:

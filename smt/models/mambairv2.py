@@ -109,17 +109,20 @@ class Selective_Scan(nn.Module):  # noqa: N801 - official module name
         self.Ds = nn.Parameter(torch.ones(d_model))
 
     def forward(self, x: torch.Tensor, prompt: torch.Tensor, impl: ScanImpl) -> torch.Tensor:
-        """``x`` (B, L, D), ``prompt`` (B, L, N) -> (B, L, D)."""
-        xs = rearrange(x, "b l d -> b d l")
-        x_dbl = torch.einsum("bdl,cd->bcl", xs, self.x_proj_weight[0])
-        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        dts = torch.einsum("brl,dr->bdl", dts, self.dt_projs_weight[0])
-        Cs = Cs.float() + rearrange(prompt, "b l n -> b n l").float()
+        """``x`` (B, L, D), ``prompt`` (B, L, N) -> (B, L, D).
+
+        Everything stays channel-last; the scan receives (B, D, L) *views*, which the CPU kernel reads with
+        contiguous SIMD loads (no transposed copies).
+        """
+        x_dbl = x @ self.x_proj_weight[0].t()  # (B, L, dt_rank + 2N)
+        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dts = dts @ self.dt_projs_weight[0].t()  # (B, L, D)
+        Cs = Cs.float() + prompt.float()
         y = selective_scan(
-            xs.float(), dts.float(), -torch.exp(self.A_logs.float()), Bs.float()[:, None], Cs[:, None],
-            self.Ds.float(), z=None, delta_bias=self.dt_projs_bias.float().view(-1), delta_softplus=True,
-            impl=impl)
-        return rearrange(y, "b d l -> b l d")
+            x.float().transpose(1, 2), dts.float().transpose(1, 2), -torch.exp(self.A_logs.float()),
+            Bs.float().transpose(1, 2)[:, None], Cs.transpose(1, 2)[:, None], self.Ds.float(), z=None,
+            delta_bias=self.dt_projs_bias.float().view(-1), delta_softplus=True, impl=impl)
+        return y.transpose(1, 2)
 
 
 def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:

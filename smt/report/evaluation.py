@@ -2,10 +2,12 @@
 
 Methods are bicubic (computed here, the floor) and every folder ``results/<split>/<method>/`` that the inference
 stage wrote. Outputs: ``per_image.csv`` (one row per split, method and image), ``reports/metrics.json`` (means,
-for ``dvc metrics show``), ``crops.png`` (zoomed crops, HR first) and ``reports/index.html``.
+for ``dvc metrics show``), ``crops.png`` (zoomed crops, HR first), ``fusion.png`` (PSNR-Y against the fusion
+weight) and ``reports/index.html``. Time per image and peak memory come from ``results/timings.json``.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from smt.data.dataset_builder import read_manifest
 from smt.data.images import read_image
 from smt.evaluate import bicubic_upscale, evaluate_folder, get_protocol, summarize
 from smt.metrics import evaluate_pair
-from smt.report.figures import save_crop_grid
+from smt.report.figures import save_crop_grid, save_figure
 from smt.report.index import write_index, write_metrics
 
 __all__ = ["EvaluationResult", "run_evaluation"]
@@ -30,11 +32,33 @@ class EvaluationResult:
     protocol: str  # the full description of the protocol that produced every number
     crops_png: Path
     index_html: Path
+    fusion_png: Path | None = None
 
 
-def _method_folders(results_dir: Path, split: str) -> dict[str, Path]:
+def _method_folders(results_dir: Path, split: str, order: list[str]) -> dict[str, Path]:
     base = results_dir / split
-    return {p.name: p for p in sorted(base.iterdir()) if p.is_dir()} if base.is_dir() else {}
+    found = {p.name: p for p in base.iterdir() if p.is_dir()} if base.is_dir() else {}
+    return {m: found[m] for m in sorted(found, key=lambda m: (order.index(m) if m in order else len(order), m))}
+
+
+def _fusion_plot(fusion: dict, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not fusion:
+        return None
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    for split, curve in fusion["curves"].items():
+        if curve:
+            ax.plot(fusion["grid"], curve, label=split)
+    ax.axvline(fusion["weight_a"], ls="--", c="gray", lw=1, label=f"fit on valid: {fusion['weight_a']:.2f}")
+    ax.set_xlabel(f"weight of {fusion['model_a']} (1 - weight: {fusion['model_b']})")
+    ax.set_ylabel("mean PSNR-Y (dB)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 def run_evaluation(data_cfg: DataConfig, report_cfg: ReportConfig, results_dir: str | Path = "results",
@@ -44,6 +68,9 @@ def run_evaluation(data_cfg: DataConfig, report_cfg: ReportConfig, results_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
     frames, crop_rows, psnr_of = [], [], {}
     num_images = {}
+    timings_path = results_dir / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    order = list(timings)
     for split in ("valid", "test"):
         manifest = read_manifest(root, split)
         if manifest.empty:
@@ -58,7 +85,7 @@ def run_evaluation(data_cfg: DataConfig, report_cfg: ReportConfig, results_dir: 
                 crop_rows.append((row.id, {"HR": hr, "bicubic": sr}))
         frames.append(pd.DataFrame(rows).assign(split=split, method="bicubic"))
         hr_dir = root / f"{split}_HR"
-        for method, folder in _method_folders(results_dir, split).items():
+        for method, folder in _method_folders(results_dir, split, order).items():
             df = evaluate_folder(folder, hr_dir, protocol)
             frames.append(df.assign(split=split, method=method))
             if split == "valid":
@@ -72,6 +99,15 @@ def run_evaluation(data_cfg: DataConfig, report_cfg: ReportConfig, results_dir: 
     metrics: dict = {"protocol": protocol.name, "num_images": num_images}
     for split, df in per_image.groupby("split", sort=False):
         metrics[split] = {m: summarize(g) for m, g in df.groupby("method", sort=False)}
+        for m, v in metrics[split].items():
+            if m in timings:
+                v["seconds_per_image"] = timings[m]["seconds_per_image"]
+                v["peak_mb"] = timings[m]["peak_mb"]
+    fusion_path = results_dir / "fusion.json"
+    fusion = json.loads(fusion_path.read_text()) if fusion_path.exists() else {}
+    if fusion:
+        metrics["fusion_weight"] = fusion["weight_a"]
+    fusion_png = _fusion_plot(fusion, out_dir / "fusion.png")
     write_metrics(Path(reports_dir) / "metrics.json", metrics)
     crops_png = out_dir / "crops.png"
     save_crop_grid(crops_png, crop_rows, report_cfg.crop_size, psnr_of)
@@ -79,4 +115,4 @@ def run_evaluation(data_cfg: DataConfig, report_cfg: ReportConfig, results_dir: 
                  f"the HR images, rounded to uint8; " +
                  ", ".join(f"{n} {s} images" for s, n in num_images.items()) + f" under {data_cfg.root}")
     index_html = write_index(reports_dir, metrics, protocol.describe(), data_note)
-    return EvaluationResult(per_image, metrics, protocol.describe(), crops_png, index_html)
+    return EvaluationResult(per_image, metrics, protocol.describe(), crops_png, index_html, fusion_png)

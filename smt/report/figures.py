@@ -10,7 +10,26 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["most_detailed_crop", "save_crop_grid", "save_thumbnails"]
+__all__ = ["most_detailed_crop", "save_crop_grid", "save_thumbnails", "show_thumbnail", "save_figure"]
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save a figure as a small PNG (80 dpi) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def show_thumbnail(ax, image_path: str | Path, title: str, size: int = 160) -> None:
+    """Draw an image file, shrunk to at most ``size`` px, with a small title."""
+    from PIL import Image
+
+    with Image.open(image_path) as im:
+        im.thumbnail((size, size))
+        ax.imshow(np.asarray(im.convert("RGB")))
+    ax.set_title(title, fontsize=7)
 
 
 def most_detailed_crop(hr: np.ndarray, size: int) -> tuple[int, int]:
@@ -45,15 +64,11 @@ def save_crop_grid(path: str | Path, rows: list[tuple[str, Mapping[str, np.ndarr
             if c == 0:
                 ax.set_ylabel(img_id, fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save_thumbnails(root: str | Path, manifests: Mapping, path: str | Path, size: int = 160) -> Path:
     """A grid of every HR image of every split (titled ``split/id source WxH``)."""
-    from PIL import Image
-
     entries = [(split, row) for split, df in manifests.items() for row in df.itertuples()]
     cols = min(6, max(1, len(entries)))
     nrows = -(-len(entries) // cols)
@@ -61,13 +76,7 @@ def save_thumbnails(root: str | Path, manifests: Mapping, path: str | Path, size
     for ax in axes.ravel():
         ax.axis("off")
     for ax, (split, row) in zip(axes.ravel(), entries):
-        with Image.open(Path(root) / row.hr_path) as im:
-            im.thumbnail((size, size))
-            ax.imshow(np.asarray(im))
-        ax.set_title(f"{split}/{row.id} {row.source}\n{row.hr_width}x{row.hr_height}", fontsize=7)
+        show_thumbnail(ax, Path(root) / row.hr_path, f"{split}/{row.id} {row.source}\n{row.hr_width}x{row.hr_height}",
+                       size)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

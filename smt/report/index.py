@@ -11,15 +11,27 @@ __all__ = ["write_index", "write_metrics", "STAGE_TITLES"]
 # display order and titles of the stage reports; a report not listed here is appended by name
 STAGE_TITLES = {
     "data": "Data: demo image set, bicubic LR, manifests",
+    "select": "CLIP selection of the fine-tuning images",
+    "infer": "Inference: ensembles, fusion weight, cost per image",
     "report": "Evaluation: PSNR/SSIM of every method on the validation images",
 }
 
 
+def _title(stage: str) -> str:
+    if stage.startswith("train_"):
+        model, rnd, st = stage[len("train_"):].rsplit("_", 2)
+        return f"Training: {model}, round {rnd[1:]}, stage {st}"
+    return STAGE_TITLES.get(stage, stage)
+
+
 def _table(summary: Mapping[str, Mapping[str, float]]) -> str:
-    head = "<tr><th>method</th><th>PSNR-Y (dB)</th><th>SSIM-Y</th><th>PSNR-RGB (dB)</th><th>SSIM-RGB</th></tr>"
+    head = ("<tr><th>method</th><th>PSNR-Y (dB)</th><th>SSIM-Y</th><th>PSNR-RGB (dB)</th><th>SSIM-RGB</th>"
+            "<th>s / image</th><th>peak MB</th></tr>")
+    opt = lambda v, k, f: format(v[k], f) if k in v else "&ndash;"  # noqa: E731
     body = "".join(
         f"<tr><td>{html.escape(m)}</td><td>{v['psnr_y']:.3f}</td><td>{v['ssim_y']:.4f}</td>"
-        f"<td>{v['psnr_rgb']:.3f}</td><td>{v['ssim_rgb']:.4f}</td></tr>"
+        f"<td>{v['psnr_rgb']:.3f}</td><td>{v['ssim_rgb']:.4f}</td><td>{opt(v, 'seconds_per_image', '.2f')}</td>"
+        f"<td>{opt(v, 'peak_mb', '.0f')}</td></tr>"
         for m, v in summary.items()
     )
     return f"<table>{head}{body}</table>"
@@ -35,10 +47,12 @@ def write_index(reports_dir: str | Path, metrics: Mapping, protocol: str, data_n
     reports_dir = Path(reports_dir)
     found = {p.parent.name: p for p in sorted(reports_dir.glob("*/*.html")) if p.stem == p.parent.name}
     found.setdefault(writing_stage, reports_dir / writing_stage / f"{writing_stage}.html")
-    order = [s for s in STAGE_TITLES if s in found] + sorted(set(found) - set(STAGE_TITLES))
+    trains = sorted(s for s in found if s.startswith("train_"))
+    order = [s for s in ("data", "select") if s in found] + trains + [s for s in ("infer", "report") if s in found]
+    order += sorted(set(found) - set(order))
     links = "".join(
         f'<li><a href="{html.escape(found[s].relative_to(reports_dir).as_posix())}">'
-        f"{html.escape(STAGE_TITLES.get(s, s))}</a></li>"
+        f"{html.escape(_title(s))}</a></li>"
         for s in order
     )
     tables = "".join(
@@ -54,6 +68,11 @@ td,th{{border:1px solid #bbb;padding:.3em .7em;text-align:right}}td:first-child{
 <h1>SMT: NTIRE 2025 x4 super-resolution, reproduced</h1>
 <p><b>Protocol.</b> {html.escape(protocol)}. Mean over images.</p>
 <p><b>Data.</b> {html.escape(data_note)}</p>
+<p><b>Methods.</b> bicubic: MATLAB-bicubic x4 upscaling (the floor). <i>model</i>: one forward of the final EMA
+weights. +SE: x8 geometric self-ensemble. +MW: the tiled result at several window sizes, averaged with weights.
+fused: the two models' most complete configurations mixed with the weight fit on the validation images
+{('(weight ' + format(metrics['fusion_weight'], '.2f') + ')') if 'fusion_weight' in metrics else ''}.
+Time and memory: this machine, in this run.</p>
 {tables}
 <h2>Stage reports</h2><ul>{links}</ul>
 <p><small>Raw numbers: <code>metrics.json</code>; per-image scores: <code>report/per_image.csv</code>.</small></p>
@@ -65,4 +84,4 @@ td,th{{border:1px solid #bbb;padding:.3em .7em;text-align:right}}td:first-child{
 
 
 def write_metrics(path: str | Path, metrics: Mapping) -> None:
-    Path(path).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    Path(path).write_text(json.dumps(metrics, indent=2) + "\n")  # keeps the table order

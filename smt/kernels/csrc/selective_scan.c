@@ -1,0 +1,289 @@
+/* Selective scan (S6) on the CPU, forward and backward, float32 and float64.
+ *
+ *   h[d,n] = exp(dt[l,d] * A[d,n]) * h[d,n] + dt[l,d] * u[l,d] * B[g,l,n];   y[l,d] = sum_n C[g,l,n] * h[d,n]
+ *
+ * The recurrence runs sequentially along L; SIMD lanes hold W consecutive channels d (which share B and C
+ * within a group), so every lane does the same work with no horizontal sums in the forward. A "job" is one
+ * (batch, block of W channels); each call runs jobs [job_begin, job_end), and the caller runs disjoint job
+ * ranges on its own threads (Python threads: ctypes releases the GIL). There is no OpenMP here on purpose:
+ * a second OpenMP runtime beside PyTorch's makes the two thread pools spin against each other on few cores.
+ *
+ * Layouts: u, dt: (batch, L, D) with strides (sb, sl, sd); y, dy, du, ddt: contiguous (batch, L, D);
+ * A: (D, N); B, C: contiguous (batch, G, L, N) with D/G channels per group. When a block's W channels all lie
+ * in one group (G == 1, or D/G a multiple of W) B and C are broadcast scalars; otherwise each lane reads its
+ * own group's values (slower, same results). The backward recomputes a block's states into a buffer of
+ * L * N * W values and accumulates dA, dB, dC into per-call buffers that the caller sums, so no two threads
+ * write the same element. The D skip term, softplus, delta_bias and the z gate are applied by
+ * the caller in PyTorch. Built at first use by smt/kernels/cpu_build.py.
+ *
+ * float32 is written with GCC/Clang vector extensions (portable; one vector = the W lanes) and its own exp;
+ * float64 (used for exact checks against the reference) is the same algorithm in plain scalar loops.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define W 8       /* channels per SIMD block (one 256-bit vector of float) */
+#define MAXN 64   /* largest supported state size */
+
+/* Offsets of each lane's (b, group) slice of B/C; returns 1 when all lanes share one group. */
+static int lane_offsets(long b, long d0, long nw, long G, long per_group, long L, long N, long *off) {
+    int shared = 1;
+    for (long j = 0; j < W; ++j) {
+        off[j] = (b * G + (d0 + (j < nw ? j : 0)) / per_group) * L * N;
+        shared &= off[j] == off[0];
+    }
+    return shared;
+}
+
+/* ---------------------------------------------------------------- float64, plain loops (exact checks) */
+void scan_fwd_f64(const double *u, const double *dt, const double *A, const double *B, const double *C, double *y,
+                  double *last, long batch, long D, long N, long L, long G, long sb, long sl, long sd,
+                  long job_begin, long job_end) {
+    long nblk = (D + W - 1) / W, per_group = D / G;
+    for (long job = job_begin; job < job_end; ++job) {
+        long b = job / nblk, d0 = (job % nblk) * W, nw = D - d0 < W ? D - d0 : W, off[W];
+        lane_offsets(b, d0, nw, G, per_group, L, N, off);
+        double h[MAXN][W] = {{0}};
+        for (long l = 0; l < L; ++l) {
+            for (long j = 0; j < nw; ++j) {
+                long s = b * sb + l * sl + (d0 + j) * sd;
+                double dtl = dt[s], xl = dtl * u[s], acc = 0;
+                for (long n = 0; n < N; ++n) {
+                    h[n][j] = exp(dtl * A[(d0 + j) * N + n]) * h[n][j] + xl * B[off[j] + l * N + n];
+                    acc += C[off[j] + l * N + n] * h[n][j];
+                }
+                y[(b * L + l) * D + d0 + j] = acc;
+            }
+        }
+        if (last)
+            for (long j = 0; j < nw; ++j)
+                for (long n = 0; n < N; ++n) last[(b * D + d0 + j) * N + n] = h[n][j];
+    }
+}
+
+void scan_bwd_f64(const double *u, const double *dt, const double *A, const double *B, const double *C,
+                  const double *dy, double *du, double *ddt, double *dA_part, double *dB_part, double *dC_part,
+                  long batch, long D, long N, long L, long G, long sb, long sl, long sd,
+                  long job_begin, long job_end) {
+    long nblk = (D + W - 1) / W, per_group = D / G;
+    {
+        double *hs = (double *)malloc(sizeof(double) * (size_t)(L * N * W));
+        for (long job = job_begin; job < job_end; ++job) {
+            long b = job / nblk, d0 = (job % nblk) * W, nw = D - d0 < W ? D - d0 : W, off[W];
+            lane_offsets(b, d0, nw, G, per_group, L, N, off);
+            double *dBt = dB_part, *dCt = dC_part;
+            double *dA = dA_part;
+            double h[MAXN][W] = {{0}}, dh[MAXN][W] = {{0}};
+            for (long l = 0; l < L; ++l)  /* recompute this block's states */
+                for (long j = 0; j < nw; ++j) {
+                    long s = b * sb + l * sl + (d0 + j) * sd;
+                    for (long n = 0; n < N; ++n) {
+                        h[n][j] = exp(dt[s] * A[(d0 + j) * N + n]) * h[n][j] + dt[s] * u[s] * B[off[j] + l * N + n];
+                        hs[(l * N + n) * W + j] = h[n][j];
+                    }
+                }
+            for (long l = L - 1; l >= 0; --l)
+                for (long j = 0; j < nw; ++j) {
+                    long s = b * sb + l * sl + (d0 + j) * sd, o = (b * L + l) * D + d0 + j;
+                    double dtl = dt[s], ul = u[s], g = dy[o], du_acc = 0, ddt_acc = 0;
+                    for (long n = 0; n < N; ++n) {
+                        double a = A[(d0 + j) * N + n], bn = B[off[j] + l * N + n];
+                        double dhn = dh[n][j] + g * C[off[j] + l * N + n];
+                        double e = exp(dtl * a);
+                        double de = l > 0 ? dhn * hs[((l - 1) * N + n) * W + j] * e : 0.0;
+                        dCt[off[j] + l * N + n] += g * hs[(l * N + n) * W + j];
+                        dBt[off[j] + l * N + n] += dhn * dtl * ul;
+                        du_acc += dhn * dtl * bn;
+                        ddt_acc += dhn * bn * ul + de * a;
+                        dA[(d0 + j) * N + n] += de * dtl;
+                        dh[n][j] = dhn * e;  /* carried to l-1 through exp(dt_l * a) */
+                    }
+                    du[o] = du_acc;
+                    ddt[o] = ddt_acc;
+                }
+        }
+        free(hs);
+    }
+}
+
+/* ---------------------------------------------------------------- float32, explicit vectors */
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8 vsel(v8i m, v8 a, v8 b) { return (v8)((m & (v8i)a) | (~m & (v8i)b)); }
+
+/* exp of 8 floats: Cody-Waite reduction x = k*ln2 + r (|r| <= ln2/2), degree-7 Taylor polynomial, 2^k
+ * written into the exponent bits. Max relative error 8e-8 (measured against double exp). Inputs are
+ * clamped to [-87, 88]; exp(-87) = 1.6e-38 stands in for smaller values, which only ever multiply states. */
+static inline v8 vexp(v8 x) {
+    x = vsel(x < -87.0f, (v8){0} - 87.0f, x);
+    x = vsel(x > 88.0f, (v8){0} + 88.0f, x);
+    v8i ki = __builtin_convertvector(x * 1.44269504088896341f + 128.5f, v8i);  /* k + 128 > 0: trunc = floor */
+    v8 kf = __builtin_convertvector(ki, v8) - 128.0f;
+    v8 r = x - kf * 0.693145751953125f;
+    r = r - kf * 1.428606765330187045e-06f;
+    v8 p = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    return p * (v8)((ki - 1) << 23);  /* (k + 127) << 23 is 2^k */
+}
+
+/* W channels starting at p, `stride` elements apart (1 for channel-last tensors: one vector load). */
+static inline v8 vload(const float *p, long stride, long nw) {
+    v8 v;
+    if (nw == W && stride == 1) {
+        __builtin_memcpy(&v, p, sizeof v);
+        return v;
+    }
+    float t[W] = {0};
+    for (long j = 0; j < nw; ++j) t[j] = p[j * stride];
+    __builtin_memcpy(&v, t, sizeof v);
+    return v;
+}
+
+static inline void vstore(float *p, v8 v, long nw) {
+    if (nw == W) {
+        __builtin_memcpy(p, &v, sizeof v);
+        return;
+    }
+    float t[W];
+    __builtin_memcpy(t, &v, sizeof v);
+    for (long j = 0; j < nw; ++j) p[j] = t[j];
+}
+
+static inline float vsum(v8 v) {
+    float t[W], s = 0;
+    __builtin_memcpy(t, &v, sizeof v);
+    for (long j = 0; j < W; ++j) s += t[j];
+    return s;
+}
+
+static inline v8 vgather(const float *base, const long *off, long k) {
+    float t[W];
+    for (long j = 0; j < W; ++j) t[j] = base[off[j] + k];
+    v8 v;
+    __builtin_memcpy(&v, t, sizeof v);
+    return v;
+}
+
+static inline void vscatter_add(float *base, const long *off, long k, v8 v, long nw) {
+    float t[W];
+    __builtin_memcpy(t, &v, sizeof v);
+    for (long j = 0; j < nw; ++j) base[off[j] + k] += t[j];
+}
+
+static void load_a(const float *A, long d0, long nw, long N, v8 *a) {
+    for (long n = 0; n < N; ++n) {
+        float t[W] = {0};
+        for (long j = 0; j < nw; ++j) t[j] = A[(d0 + j) * N + n];
+        __builtin_memcpy(&a[n], t, sizeof(v8));
+    }
+}
+
+/* u, dt: (batch, L, D) with strides (sb, sl, sd) given in elements; y: contiguous (batch, L, D). */
+void scan_fwd_f32(const float *u, const float *dt, const float *A, const float *B, const float *C, float *y,
+                  float *last, long batch, long D, long N, long L, long G, long sb, long sl, long sd,
+                  long job_begin, long job_end) {
+    long nblk = (D + W - 1) / W, per_group = D / G;
+    for (long job = job_begin; job < job_end; ++job) {
+        long b = job / nblk, d0 = (job % nblk) * W, nw = D - d0 < W ? D - d0 : W, off[W];
+        int shared = lane_offsets(b, d0, nw, G, per_group, L, N, off);
+        const float *Bg = B + off[0], *Cg = C + off[0];
+        v8 a[MAXN], h[MAXN];
+        load_a(A, d0, nw, N, a);
+        for (long n = 0; n < N; ++n) h[n] = (v8){0};
+        for (long l = 0; l < L; ++l) {
+            long o = (b * L + l) * D + d0, soff = b * sb + l * sl + d0 * sd;
+            v8 dtv = vload(dt + soff, sd, nw), xv = dtv * vload(u + soff, sd, nw), acc = {0};
+            const float *Bl = Bg + l * N, *Cl = Cg + l * N;
+            if (shared)
+                for (long n = 0; n < N; ++n) {
+                    h[n] = vexp(dtv * a[n]) * h[n] + xv * Bl[n];
+                    acc += Cl[n] * h[n];
+                }
+            else
+                for (long n = 0; n < N; ++n) {
+                    h[n] = vexp(dtv * a[n]) * h[n] + xv * vgather(B, off, l * N + n);
+                    acc += vgather(C, off, l * N + n) * h[n];
+                }
+            vstore(y + o, acc, nw);
+        }
+        if (last)
+            for (long n = 0; n < N; ++n) {
+                float t[W];
+                __builtin_memcpy(t, &h[n], sizeof t);
+                for (long j = 0; j < nw; ++j) last[(b * D + d0 + j) * N + n] = t[j];
+            }
+    }
+}
+
+/* u, dt as in the forward (strided); dy, du, ddt: contiguous (batch, L, D). */
+void scan_bwd_f32(const float *u, const float *dt, const float *A, const float *B, const float *C,
+                  const float *dy, float *du, float *ddt, float *dA_part, float *dB_part, float *dC_part,
+                  long batch, long D, long N, long L, long G, long sb, long sl, long sd,
+                  long job_begin, long job_end) {
+    long nblk = (D + W - 1) / W, per_group = D / G;
+    {
+        v8 *hs = (v8 *)aligned_alloc(32, sizeof(v8) * (size_t)(L * N));
+        for (long job = job_begin; job < job_end; ++job) {
+            long b = job / nblk, d0 = (job % nblk) * W, nw = D - d0 < W ? D - d0 : W, off[W];
+            int shared = lane_offsets(b, d0, nw, G, per_group, L, N, off);
+            float *dBt = dB_part, *dCt = dC_part;
+            float *dA = dA_part;
+            v8 a[MAXN], h[MAXN], dh[MAXN], da[MAXN];
+            load_a(A, d0, nw, N, a);
+            for (long n = 0; n < N; ++n) h[n] = dh[n] = da[n] = (v8){0};
+            for (long l = 0; l < L; ++l) {  /* recompute this block's states */
+                long soff = b * sb + l * sl + d0 * sd;
+                v8 dtv = vload(dt + soff, sd, nw), xv = dtv * vload(u + soff, sd, nw);
+                for (long n = 0; n < N; ++n) {
+                    v8 bv = shared ? (v8){0} + B[off[0] + l * N + n] : vgather(B, off, l * N + n);
+                    h[n] = vexp(dtv * a[n]) * h[n] + xv * bv;
+                    hs[l * N + n] = h[n];
+                }
+            }
+            for (long l = L - 1; l >= 0; --l) {
+                long o = (b * L + l) * D + d0, soff = b * sb + l * sl + d0 * sd;
+                v8 dtv = vload(dt + soff, sd, nw), uv = vload(u + soff, sd, nw), gv = vload(dy + o, 1, nw);
+                v8 du_acc = {0}, ddt_acc = {0}, dtu = dtv * uv;
+                for (long n = 0; n < N; ++n) {
+                    long k = l * N + n;
+                    v8 bv = shared ? (v8){0} + B[off[0] + k] : vgather(B, off, k);
+                    v8 cv = shared ? (v8){0} + C[off[0] + k] : vgather(C, off, k);
+                    v8 dhn = dh[n] + gv * cv;
+                    v8 e = vexp(dtv * a[n]);
+                    v8 hp = l > 0 ? hs[k - N] : (v8){0};
+                    v8 de = dhn * hp * e;
+                    if (shared) {
+                        dCt[off[0] + k] += vsum(gv * hs[k]);
+                        dBt[off[0] + k] += vsum(dhn * dtu);
+                    } else {
+                        vscatter_add(dCt, off, k, gv * hs[k], nw);
+                        vscatter_add(dBt, off, k, dhn * dtu, nw);
+                    }
+                    du_acc += dhn * dtv * bv;
+                    ddt_acc += dhn * uv * bv + de * a[n];
+                    da[n] += de * dtv;
+                    dh[n] = dhn * e;  /* carried to l-1 through exp(dt_l * a) */
+                }
+                vstore(du + o, du_acc, nw);
+                vstore(ddt + o, ddt_acc, nw);
+            }
+            for (long n = 0; n < N; ++n) {
+                float t[W];
+                __builtin_memcpy(t, &da[n], sizeof t);
+                for (long j = 0; j < nw; ++j) dA[(d0 + j) * N + n] += t[j];
+            }
+        }
+        free(hs);
+    }
+}
+
+int scan_max_state(void) { return MAXN; }
+
+int scan_block_width(void) { return W; }

@@ -1,0 +1,1 @@
+"""Training: paired patch data, the multi-scale loss, EMA, resumable checkpoints, the loop (DDP-ready)."""

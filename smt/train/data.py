@@ -1,0 +1,129 @@
+"""Paired LR/HR patches for training, with crop positions and augmentations drawn by a seeded sampler.
+
+The sampler draws every random choice of a *global* batch (image, crop corner, flips, transpose) from a
+generator seeded by ``(seed, step)``; each DDP rank takes its slice of the batch. So the data is a function of
+the step alone: independent of the number of loader workers and processes, unaffected by prefetching, and a
+run resumed at step k sees exactly the batches an uninterrupted run sees. The dataset only applies those
+choices to images held in memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from smt.data.dataset_builder import read_manifest
+from smt.data.images import read_image
+
+__all__ = ["PatchSpec", "PairedPatchDataset", "GlobalBatchSampler", "read_subset"]
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    image: int
+    top: int  # LR pixels
+    left: int
+    hflip: bool
+    vflip: bool
+    transpose: bool  # with the flips: all 8 dihedral transforms (90-degree rotations included)
+
+
+def augment(x: torch.Tensor, spec: PatchSpec) -> torch.Tensor:
+    """Apply ``spec``'s flips/transpose to a (C, H, W) tensor."""
+    if spec.hflip:
+        x = x.flip(-1)
+    if spec.vflip:
+        x = x.flip(-2)
+    if spec.transpose:
+        x = x.transpose(-1, -2)
+    return x
+
+
+def read_subset(path: str | Path) -> list[str]:
+    """Image ids listed in a selection manifest (column ``id``), in rank order."""
+    df = pd.read_csv(path, dtype={"id": str})
+    if "id" not in df.columns:
+        raise ValueError(f"{path}: a subset manifest needs an 'id' column")
+    return df["id"].tolist()
+
+
+class PairedPatchDataset(Dataset):
+    """(LR patch ``p x p``, HR patch ``sp x sp``) pairs from a data split, aligned; images kept in memory."""
+
+    def __init__(self, root: str | Path, split: str, patch_size: int, scale: int,
+                 subset: Sequence[str] | None = None) -> None:
+        manifest = read_manifest(root, split)
+        if subset is not None:
+            missing = sorted(set(subset) - set(manifest["id"]))
+            if missing:
+                raise ValueError(f"subset names {len(missing)} images not in the {split} manifest, e.g. {missing[:3]}")
+            manifest = manifest.set_index("id").loc[list(subset)].reset_index()
+        if manifest.empty:
+            raise ValueError(f"no training images in {root} split {split!r}")
+        self.patch_size, self.scale = patch_size, scale
+        self.ids = manifest["id"].tolist()
+        self.lr, self.hr = [], []
+        for row in manifest.itertuples():
+            lr, hr = read_image(Path(root) / row.lr_path), read_image(Path(root) / row.hr_path)
+            if hr.shape[0] != lr.shape[0] * scale or hr.shape[1] != lr.shape[1] * scale:
+                raise ValueError(f"{row.hr_path}: HR {hr.shape[:2]} is not x{scale} of LR {lr.shape[:2]}")
+            if min(lr.shape[:2]) < patch_size:
+                raise ValueError(f"{row.lr_path}: LR {lr.shape[1]}x{lr.shape[0]} is smaller than the patch "
+                                 f"size {patch_size}")
+            self.lr.append(torch.from_numpy(lr).permute(2, 0, 1).contiguous())
+            self.hr.append(torch.from_numpy(hr).permute(2, 0, 1).contiguous())
+
+    def __len__(self) -> int:
+        return len(self.lr)
+
+    def sizes(self) -> list[tuple[int, int]]:
+        return [tuple(t.shape[-2:]) for t in self.lr]
+
+    def __getitem__(self, spec: PatchSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        p, s = self.patch_size, self.scale
+        lr = self.lr[spec.image][:, spec.top:spec.top + p, spec.left:spec.left + p]
+        hr = self.hr[spec.image][:, s * spec.top:s * (spec.top + p), s * spec.left:s * (spec.left + p)]
+        return augment(lr, spec).float() / 255.0, augment(hr, spec).float() / 255.0
+
+
+class GlobalBatchSampler(Sampler):
+    """Yields this rank's list of :class:`PatchSpec` for each step from ``start_step`` on, forever."""
+
+    def __init__(self, sizes: Sequence[tuple[int, int]], patch_size: int, global_batch: int, seed: int,
+                 rank: int = 0, world_size: int = 1, augment: bool = True, start_step: int = 0) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
+        self.sizes, self.patch_size, self.global_batch = list(sizes), patch_size, global_batch
+        self.seed, self.rank, self.world_size, self.augment = seed, rank, world_size, augment
+        self.start_step = start_step
+
+    def draw(self, step: int) -> list[PatchSpec]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        p, n = self.patch_size, self.global_batch
+        images = torch.randint(len(self.sizes), (n,), generator=g).tolist()
+        corners = torch.rand(n, 2, generator=g).tolist()
+        flips = torch.randint(2, (n, 3), generator=g).tolist() if self.augment else [[0, 0, 0]] * n
+        specs = []
+        for i, ((fy, fx), (hf, vf, tr)) in enumerate(zip(corners, flips)):
+            h, w = self.sizes[images[i]]
+            specs.append(PatchSpec(images[i], int(fy * (h - p + 1)), int(fx * (w - p + 1)), bool(hf), bool(vf),
+                                   bool(tr)))
+        per_rank = n // self.world_size
+        return specs[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def __iter__(self) -> Iterator[list[PatchSpec]]:
+        step = self.start_step
+        while True:
+            yield self.draw(step)
+            step += 1
+
+
+def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    lr, hr = zip(*batch)
+    return torch.stack(lr), torch.stack(hr)
+
+

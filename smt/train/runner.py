@@ -1,0 +1,92 @@
+"""What a training DVC stage does: run one (model, round, stage) in-process or under ``torchrun``, then make
+its report (loss curves, validation PSNR against bicubic, visual crops)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from smt.config import DataConfig, load_section  # noqa: E402
+from smt.data.dataset_builder import read_manifest  # noqa: E402
+from smt.data.images import read_image  # noqa: E402
+from smt.evaluate import bicubic_upscale  # noqa: E402
+from smt.models import build_model, load_weights  # noqa: E402
+from smt.report.figures import save_crop_grid, save_figure  # noqa: E402
+from smt.train.config import TrainConfig  # noqa: E402
+from smt.train.engine import StageResult, run_dir, tensor_to_uint8, train_stage  # noqa: E402
+
+__all__ = ["run_training_stage", "stage_report", "StageReport", "load_trained"]
+
+
+def run_training_stage(params_path: str, model: str, round_: int, stage: str) -> StageResult | dict:
+    data_cfg: DataConfig = load_section("data", params_path)
+    cfg: TrainConfig = load_section("train", params_path)
+    if model not in cfg.models:
+        raise KeyError(f"unknown model {model!r} (train.models has: {', '.join(cfg.models)})")
+    if cfg.nproc == 1:
+        return train_stage(cfg, model, round_, stage, data_cfg.root, data_cfg.scale)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc}",
+           *(["--standalone"] if "MASTER_ADDR" not in os.environ else []),
+           "-m", "smt", "train", "--params", params_path, "--model", model, "--round", str(round_), "--stage", stage]
+    subprocess.run(cmd, check=True)
+    metrics = run_dir(cfg, model, round_, stage) / "metrics.json"
+    return pd.read_json(metrics, typ="series").to_dict()
+
+
+def load_trained(cfg: TrainConfig, model: str, round_: int, stage: str, device: str = "cpu",
+                 **overrides) -> torch.nn.Module:
+    """The exported EMA model of a finished stage (main head only unless ``aux_scales`` is overridden)."""
+    net = build_model(cfg.models[model].preset, **overrides).to(device).eval()
+    load_weights(net, run_dir(cfg, model, round_, stage) / "model.safetensors", ignore_unexpected=("aux_heads.",))
+    return net
+
+
+@dataclass
+class StageReport:
+    summary: str
+    curves_png: Path
+    crops_png: Path
+
+
+def stage_report(cfg: TrainConfig, data_cfg: DataConfig, model: str, round_: int, stage: str,
+                 out_dir: str | Path, num_crops: int = 2, crop_size: int = 96) -> StageReport:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = run_dir(cfg, model, round_, stage)
+    train_log, val_log = pd.read_csv(run / "train_log.csv"), pd.read_csv(run / "val_log.csv")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for col in [c for c in train_log.columns if c.startswith("loss")]:
+        ax1.plot(train_log["step"], train_log[col], label=col, lw=1)
+    ax1.set_yscale("log"), ax1.set_xlabel("step"), ax1.legend(fontsize=7), ax1.set_title("training loss")
+    ax2.plot(val_log["step"], val_log["psnr_y"], "o-", label=f"{model} (EMA)")
+    ax2.plot(val_log["step"], val_log["bicubic_psnr_y"], "--", label="bicubic")
+    ax2.set_xlabel("step"), ax2.set_ylabel("PSNR-Y (dB)"), ax2.legend(fontsize=7), ax2.set_title("validation")
+    fig.tight_layout()
+    curves = save_figure(fig, out_dir / "curves.png")
+
+    net = load_trained(cfg, model, round_, stage, routing="argmax") if "mamba" in model else \
+        load_trained(cfg, model, round_, stage)
+    rows = []
+    for row in read_manifest(data_cfg.root, "valid").head(num_crops).itertuples():
+        lr, hr = read_image(Path(data_cfg.root) / row.lr_path), read_image(Path(data_cfg.root) / row.hr_path)
+        with torch.no_grad():
+            sr = tensor_to_uint8(net(torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255)[0])
+        rows.append((row.id, {"HR": hr, "bicubic": bicubic_upscale(lr, data_cfg.scale), model: sr}))
+    crops = out_dir / "crops.png"
+    save_crop_grid(crops, rows, crop_size)
+    last = val_log.iloc[-1]
+    gain = last["psnr_y"] - last["bicubic_psnr_y"]
+    summary = (f"After {int(last['step'])} steps: validation PSNR-Y **{last['psnr_y']:.3f} dB** (EMA weights) vs "
+               f"bicubic {last['bicubic_psnr_y']:.3f} dB: **{gain:+.3f} dB** (NTIRE2025 protocol, "
+               f"{len(read_manifest(data_cfg.root, 'valid'))} validation images"
+               + (f", centre crops of at most {cfg.val_max_side} LR px" if cfg.val_max_side else "") + ").")
+    return StageReport(summary, curves, crops)

@@ -1,0 +1,189 @@
+"""Inference: tiling, self-ensemble, multi-window, fusion, byte-identical reruns, the upscale CLI."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smt.infer.ensemble import TRANSFORMS, apply_transform, invert_transform, multi_window, self_ensemble
+from smt.infer.fusion import fit_fusion_weight, fuse
+from smt.infer.tiling import tile_starts, tiled_forward
+
+
+def _nearest(x):  # a pointwise "model": every output pixel depends on one input pixel
+    return x.repeat_interleave(4, -1).repeat_interleave(4, -2)
+
+
+class _Conv(torch.nn.Module):
+    """A small x4 model with a 7x7 receptive field (zero padding, as real models)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 3 * 16, 5, padding=2)
+
+    def forward(self, x):
+        return F.pixel_shuffle(self.c2(torch.relu(self.c1(x))), 4) + _nearest(x)
+
+
+def test_tile_starts_cover_and_stay_inside():
+    for length in (1, 7, 32, 33, 100):
+        for tile, overlap in ((8, 2), (16, 4), (32, 0), (200, 8)):
+            starts = tile_starts(length, tile, overlap)
+            covered = set()
+            for s in starts:
+                covered |= set(range(s, min(s + tile, length)))
+                assert 0 <= s and (s + tile <= length or length <= tile)
+            assert covered == set(range(length))
+    with pytest.raises(ValueError, match="overlap"):
+        tile_starts(10, 4, 4)
+
+
+def test_one_tile_equals_whole_and_pointwise_model_is_exact_for_any_tiling():
+    x = torch.rand(1, 3, 21, 30)
+    model = _Conv()
+    with torch.no_grad():
+        whole = model(x)
+        assert torch.equal(tiled_forward(model, x, 4, 64, 8), whole)
+        assert torch.equal(tiled_forward(model, x, 4, 0, 8), whole)
+    torch.testing.assert_close(tiled_forward(_nearest, x, 4, 8, 3, batch=3), _nearest(x), rtol=0, atol=1e-6)
+
+
+def test_blended_seams_are_invisible():
+    """Against whole-image inference, blended tiles err far less at the seams than tiles pasted side by side."""
+    x = torch.rand(1, 3, 40, 40)
+    model = _Conv()
+    with torch.no_grad():
+        whole = model(x)
+        blended = tiled_forward(model, x, 4, 16, 6)
+        pasted = tiled_forward(model, x, 4, 16, 0)  # overlap 0: plain pasting
+    seam_rows = slice(4 * 16 - 8, 4 * 16 + 8)  # around the first seam (HR pixels)
+    err_blend = (blended - whole)[..., seam_rows, :].abs().mean().item()
+    err_paste = (pasted - whole)[..., seam_rows, :].abs().mean().item()
+    assert err_blend < 0.25 * err_paste
+    # no step across the seam: the jump between neighbouring rows there is like that between any two rows at
+    # an LR pixel boundary (rows 3 mod 4; the model's output has that period)
+    jumps = (blended[..., 1:, :] - blended[..., :-1, :]).abs().mean(dim=(0, 1, 3))
+    assert jumps[4 * 16 - 1].item() < 1.5 * jumps[3::4].median().item()
+
+
+def test_transforms_invert_exactly_and_self_ensemble_of_equivariant_model():
+    x = torch.rand(1, 3, 5, 7)
+    assert len(set(TRANSFORMS)) == 8
+    for tf in TRANSFORMS:
+        assert torch.equal(invert_transform(apply_transform(x, tf), tf), x)
+    # a model commuting with flips/transposes gives its own output back
+    assert torch.allclose(self_ensemble(_nearest, x), _nearest(x), atol=1e-7)
+    model = _Conv()
+    with torch.no_grad():
+        torch.testing.assert_close(self_ensemble(model, x, batch=True), self_ensemble(model, x), rtol=1e-6, atol=1e-6)
+
+
+def test_multi_window_dedups_identical_tilings():
+    x = torch.rand(1, 3, 30, 30)
+    model = _Conv()
+    calls = []
+
+    def counting(t):
+        calls.append(t.shape)
+        return model(t)
+
+    with torch.no_grad():
+        y, distinct = multi_window(counting, x, 4, [32, 48, 64, 16], [1, 1, 1.2, 0.8], overlap=4)
+        whole, tiled = model(x), tiled_forward(model, x, 4, 16, 4)
+    assert distinct == 2  # 32, 48 and 64 all cover the 30x30 image
+    torch.testing.assert_close(y, (3.2 * whole + 0.8 * tiled) / 4.0)
+    with pytest.raises(ValueError, match="one weight per tile size"):
+        multi_window(model, x, 4, [8, 16], [1.0], overlap=2)
+
+
+def test_fusion_recovers_known_optimum():
+    rng = np.random.default_rng(0)
+    pairs = []
+    for _ in range(3):
+        hr = rng.integers(40, 216, (64, 64, 3)).astype(np.uint8)
+        a = hr + rng.normal(0, 6.0, hr.shape)  # noise variances 36 and 144: best w = 144 / 180 = 0.8
+        b = hr + rng.normal(0, 12.0, hr.shape)
+        pairs.append((a, b, hr))
+    fit = fit_fusion_weight(pairs, grid=101)
+    assert fit.weight == pytest.approx(0.8, abs=0.04)
+    assert fit.least_squares_weight == pytest.approx(0.8, abs=0.03)
+    assert fit.psnr_y == max(fit.curve)
+    assert fuse(np.array([[[254.6, 0.4, 127.5]]]), np.zeros((1, 1, 3)), 1.0).tolist() == [[[255, 0, 128]]]
+
+
+@pytest.fixture(scope="module")
+def trained_setup(tmp_path_factory):
+    """A data root and 'trained' (randomly initialised) exported models for both architectures."""
+    from smt.config import DataConfig, InferConfig, parse_section
+    from smt.data.dataset_builder import build_dataset
+    from smt.models import build_model
+    from smt.train.checkpoint import save_safetensors
+    from smt.train.config import TrainConfig
+    import json
+
+    base = tmp_path_factory.mktemp("infer")
+    data = DataConfig(root=str(base / "d"), max_side=40, train_images=("camera",), valid_images=("astronaut", "coins"),
+                      test_images=("chelsea",))
+    build_dataset(data)
+    train = parse_section(TrainConfig, {
+        "models": {"hat": {"preset": "hat_tiny"}, "mambairv2": {"preset": "mambairv2_tiny"}},
+        "stages": {"s1": {"patch_size": 8, "batch_size": 2, "loss": "l1", "lr": 1e-3, "iters": 1}},
+        "stage_order": ["s1"], "out_root": str(base / "models")}, "train")
+    for name, preset in (("hat", "hat_tiny"), ("mambairv2", "mambairv2_tiny")):
+        torch.manual_seed(1)
+        net = build_model(preset, aux_scales=(2, 3))
+        arch = "hat" if name == "hat" else "mambairv2"
+        from smt.models.presets import preset as get_preset
+
+        kwargs = {**get_preset(preset)[1], "aux_scales": [2, 3]}
+        save_safetensors(net.state_dict(), base / "models" / name / "r1_s1" / "model.safetensors",
+                         {"arch": arch, "model_args": json.dumps(kwargs)})
+    infer = parse_section(InferConfig, {"window_tiles": [6, 8, 16], "window_weights": [1.0, 1.0, 1.2],
+                                        "tile_overlap": 2, "device": "cpu"}, "infer")
+    return data, train, infer, base
+
+
+@pytest.mark.parametrize("routing", ["argmax", "gumbel"])
+def test_inference_stage_is_byte_identical_on_rerun(trained_setup, routing):
+    import dataclasses
+
+    from smt.infer.runner import run_inference
+
+    data, train, infer, base = trained_setup
+    infer = dataclasses.replace(infer, routing=routing)
+    outs = []
+    for run in ("a", "b"):
+        res = run_inference(infer, train, data, base / f"results_{routing}_{run}", log=lambda m: None)
+        files = sorted((base / f"results_{routing}_{run}").rglob("*.png"))
+        outs.append({f.relative_to(base / f"results_{routing}_{run}"): f.read_bytes() for f in files})
+    assert outs[0] == outs[1]
+    names = {p.parts[1] for p in outs[0]}
+    assert names == {"hat", "hat+SE", "mambairv2", "mambairv2+SE", "mambairv2+SE+MW", "fused"}
+    assert {p.parts[0] for p in outs[0]} == {"valid", "test"}
+    assert 0.0 <= res["fusion"]["weight_a"] <= 1.0 and set(res["timings"]) >= names
+
+
+def test_upscale_cli(trained_setup, tmp_path, capsys):
+    from PIL import Image
+
+    from smt.__main__ import main
+
+    data, train, infer, base = trained_setup
+    ckpt = base / "models" / "hat" / "r1_s1" / "model.safetensors"
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.full((9, 11), 100, np.uint8)).save(src / "gray.png")
+    (src / "broken.png").write_bytes(b"nope")
+    rc = main(["upscale", str(src), "--out", str(tmp_path / "out"), "--checkpoint", str(ckpt), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "broken.png: not a readable image" in err
+    assert np.array(Image.open(tmp_path / "out" / "grayx4.png")).shape == (36, 44, 3)
+    # a second run refuses to overwrite
+    rc = main(["upscale", str(src / "gray.png"), "--out", str(tmp_path / "out"), "--checkpoint", str(ckpt)])
+    assert rc == 1 and "exists (use --overwrite)" in capsys.readouterr().err
+    # a checkpoint for another architecture: a named error, not a traceback
+    rc = main(["upscale", str(src / "gray.png"), "--out", str(tmp_path / "o2"), "--checkpoint", str(ckpt),
+               "--model", "mambairv2_tiny"])
+    assert rc == 2 and "does not fit MambaIRv2" in capsys.readouterr().err
+    rc = main(["upscale", str(tmp_path / "missing"), "--out", str(tmp_path / "o3"), "--checkpoint", str(ckpt)])
+    assert rc == 2 and "no such file or folder" in capsys.readouterr().err

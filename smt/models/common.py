@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-__all__ = ["window_partition", "window_reverse", "relative_position_index", "overlap_relative_position_index",
+__all__ = ["SRHeads", "window_partition", "window_reverse", "relative_position_index", "overlap_relative_position_index",
            "shifted_window_mask", "Upsample", "Mlp", "DropPath", "pad_to_multiple", "pad_reflect_any",
            "RGB_MEAN"]
 
@@ -135,3 +135,33 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str) -> tuple[torch.Te
     return pad_reflect_any(x, pad_h, pad_w, mode), h, w
 
 
+
+
+class SRHeads(nn.Module):
+    """Shared tail of HAT and MambaIRv2: the x``upscale`` head, optional auxiliary heads, de-normalisation and
+    the crop back to the input's size. Subclasses define ``_body(x) -> (features, h, w)`` and the modules
+    ``conv_before_upsample``, ``upsample``, ``conv_last`` (and ``aux_heads`` when ``aux_scales``)."""
+
+    upscale: int
+    aux_scales: tuple[int, ...]
+    img_range: float
+
+    def _body(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        raise NotImplementedError
+
+    def _head(self, feat: torch.Tensor, h: int, w: int, scale: int) -> torch.Tensor:
+        if scale == self.upscale:
+            y = self.conv_last(self.upsample(self.conv_before_upsample(feat)))
+        else:
+            y = self.aux_heads[f"x{scale}"](feat)
+        y = y / self.img_range + self.mean.to(y.dtype)
+        return y[..., : h * scale, : w * scale]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feat, h, w = self._body(x)
+        return self._head(feat, h, w, self.upscale)
+
+    def forward_multiscale(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Outputs of the main head and every auxiliary head, keyed by scale, from one body pass."""
+        feat, h, w = self._body(x)
+        return {s: self._head(feat, h, w, s) for s in (self.upscale, *self.aux_scales)}

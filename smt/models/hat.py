@@ -24,7 +24,7 @@ import torch.utils.checkpoint as cp
 from einops import rearrange
 
 from smt.kernels.attention import AttentionImpl, window_attention
-from smt.models.common import (RGB_MEAN, DropPath, Mlp, Upsample, overlap_relative_position_index,
+from smt.models.common import (RGB_MEAN, DropPath, SRHeads, Mlp, Upsample, overlap_relative_position_index,
                                pad_to_multiple, relative_position_index, shifted_window_mask, window_partition,
                                window_reverse)
 
@@ -232,7 +232,7 @@ class AuxHead(nn.Module):
         return self.conv_last(self.upsample(self.conv_before_upsample(x)))
 
 
-class HAT(nn.Module):
+class HAT(SRHeads):
     """Hybrid Attention Transformer. Arguments as the official class; ours after ``resi_connection``."""
 
     def __init__(self, img_size: int = 64, patch_size: int = 1, in_chans: int = 3, embed_dim: int = 96,
@@ -313,23 +313,6 @@ class HAT(nn.Module):
         x = (x - self.mean.to(x.dtype)) * self.img_range
         x = self.conv_first(x)
         return self.conv_after_body(self.forward_features(x)) + x, h, w
-
-    def _head(self, feat: torch.Tensor, h: int, w: int, scale: int) -> torch.Tensor:
-        if scale == self.upscale:
-            y = self.conv_last(self.upsample(self.conv_before_upsample(feat)))
-        else:
-            y = self.aux_heads[f"x{scale}"](feat)
-        y = y / self.img_range + self.mean.to(y.dtype)
-        return y[..., : h * scale, : w * scale]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feat, h, w = self._body(x)
-        return self._head(feat, h, w, self.upscale)
-
-    def forward_multiscale(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Outputs of the main head and every auxiliary head, keyed by scale, from one body pass."""
-        feat, h, w = self._body(x)
-        return {s: self._head(feat, h, w, s) for s in (self.upscale, *self.aux_scales)}
 
 
 def _init_weights(m: nn.Module) -> None:

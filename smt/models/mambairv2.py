@@ -29,8 +29,8 @@ from einops import rearrange
 
 from smt.kernels.attention import AttentionImpl, window_attention
 from smt.kernels.selective_scan import ScanImpl, selective_scan
-from smt.models.common import (RGB_MEAN, Upsample, pad_to_multiple, relative_position_index, shifted_window_mask,
-                               window_partition, window_reverse)
+from smt.models.common import (RGB_MEAN, SRHeads, Upsample, pad_to_multiple, relative_position_index,
+                               shifted_window_mask, window_partition, window_reverse)
 from smt.models.hat import AuxHead, _init_weights, _PatchEmbed
 
 __all__ = ["MambaIRv2"]
@@ -246,7 +246,7 @@ def _three_conv(dim: int) -> nn.Sequential:
                          nn.Conv2d(dim // 4, dim, 3, 1, 1))
 
 
-class MambaIRv2(nn.Module):
+class MambaIRv2(SRHeads):
     """MambaIRv2 for SR. Arguments as the official class; ours (keyword-only) after ``resi_connection``."""
 
     def __init__(self, img_size: int = 64, patch_size: int = 1, in_chans: int = 3, embed_dim: int = 48,
@@ -320,20 +320,3 @@ class MambaIRv2(nn.Module):
         }
         x = self.conv_first(x)
         return self.conv_after_body(self.forward_features(x, params)) + x, h, w
-
-    def _head(self, feat: torch.Tensor, h: int, w: int, scale: int) -> torch.Tensor:
-        if scale == self.upscale:
-            y = self.conv_last(self.upsample(self.conv_before_upsample(feat)))
-        else:
-            y = self.aux_heads[f"x{scale}"](feat)
-        y = y / self.img_range + self.mean.to(y.dtype)
-        return y[..., : h * scale, : w * scale]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feat, h, w = self._body(x)
-        return self._head(feat, h, w, self.upscale)
-
-    def forward_multiscale(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Outputs of the main head and every auxiliary head, keyed by scale, from one body pass."""
-        feat, h, w = self._body(x)
-        return {s: self._head(feat, h, w, s) for s in (self.upscale, *self.aux_scales)}

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-__all__ = ["SRHeads", "window_partition", "window_reverse", "relative_position_index", "overlap_relative_position_index",
+__all__ = ["SRHeads", "AuxHead", "window_partition", "window_reverse", "relative_position_index", "overlap_relative_position_index",
            "shifted_window_mask", "Upsample", "Mlp", "DropPath", "pad_to_multiple", "pad_reflect_any",
            "RGB_MEAN"]
 
@@ -137,14 +137,53 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str) -> tuple[torch.Te
 
 
 
+class AuxHead(nn.Module):
+    """An extra upsampling head (scale-aware training): conv + LeakyReLU, Upsample(scale), conv to RGB."""
+
+    def __init__(self, embed_dim: int, num_feat: int, scale: int, out_chans: int) -> None:
+        super().__init__()
+        self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
+        self.upsample = Upsample(scale, num_feat)
+        self.conv_last = nn.Conv2d(num_feat, out_chans, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_last(self.upsample(self.conv_before_upsample(x)))
+
+
 class SRHeads(nn.Module):
-    """Shared tail of HAT and MambaIRv2: the x``upscale`` head, optional auxiliary heads, de-normalisation and
-    the crop back to the input's size. Subclasses define ``_body(x) -> (features, h, w)`` and the modules
-    ``conv_before_upsample``, ``upsample``, ``conv_last`` (and ``aux_heads`` when ``aux_scales``)."""
+    """Shared parts of HAT and MambaIRv2: argument checks, the input mean, the x``upscale`` head, optional
+    auxiliary heads, de-normalisation and the crop back to the input's size. Subclasses define
+    ``_body(x) -> (features, h, w)`` and call :meth:`_check_args`, :meth:`_register_mean` and
+    :meth:`_build_heads` where the official constructor creates those parts (so parameters are created, and
+    the RNG consumed, in the official order)."""
 
     upscale: int
     aux_scales: tuple[int, ...]
     img_range: float
+
+    def _check_args(self, upsampler: str, patch_size: int, depths, num_heads, upscale: int, aux_scales) -> None:
+        name = type(self).__name__
+        if upsampler != "pixelshuffle":
+            raise ValueError(f"{name}: only upsampler='pixelshuffle' is implemented, got {upsampler!r}")
+        if patch_size != 1:
+            raise ValueError(f"{name}: patch_size must be 1 for SR, got {patch_size}")
+        if len(depths) != len(num_heads):
+            raise ValueError(f"{name}: depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length")
+        if upscale in aux_scales:
+            raise ValueError(f"{name}: aux_scales {tuple(aux_scales)} must not contain the main scale {upscale}")
+
+    def _register_mean(self, in_chans: int) -> None:
+        # not in the official state dicts: a non-persistent buffer (follows .to(device))
+        self.register_buffer("mean", torch.tensor(RGB_MEAN if in_chans == 3 else (0.0,)).view(1, -1, 1, 1),
+                             persistent=False)
+
+    def _build_heads(self, embed_dim: int, in_chans: int, num_feat: int = 64) -> None:
+        self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
+        self.upsample = Upsample(self.upscale, num_feat)
+        self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
+        if self.aux_scales:
+            self.aux_heads = nn.ModuleDict({f"x{s}": AuxHead(embed_dim, num_feat, s, in_chans)
+                                            for s in self.aux_scales})
 
     def _body(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         raise NotImplementedError

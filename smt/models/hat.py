@@ -24,7 +24,7 @@ import torch.utils.checkpoint as cp
 from einops import rearrange
 
 from smt.kernels.attention import AttentionImpl, window_attention
-from smt.models.common import (RGB_MEAN, DropPath, SRHeads, Mlp, Upsample, overlap_relative_position_index,
+from smt.models.common import (DropPath, Mlp, SRHeads, overlap_relative_position_index,
                                pad_to_multiple, relative_position_index, shifted_window_mask, window_partition,
                                window_reverse)
 
@@ -219,19 +219,6 @@ class _PatchEmbed(nn.Module):
         return self.norm(x) if self.norm is not None else x
 
 
-class AuxHead(nn.Module):
-    """An extra upsampling head (scale-aware training): conv + LeakyReLU, Upsample(scale), conv to RGB."""
-
-    def __init__(self, embed_dim: int, num_feat: int, scale: int, out_chans: int) -> None:
-        super().__init__()
-        self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
-        self.upsample = Upsample(scale, num_feat)
-        self.conv_last = nn.Conv2d(num_feat, out_chans, 3, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_last(self.upsample(self.conv_before_upsample(x)))
-
-
 class HAT(SRHeads):
     """Hybrid Attention Transformer. Arguments as the official class; ours after ``resi_connection``."""
 
@@ -245,21 +232,13 @@ class HAT(SRHeads):
                  upsampler: str = "", resi_connection: str = "1conv", *, aux_scales: Sequence[int] = (),
                  attn_impl: AttentionImpl = "sdpa") -> None:
         super().__init__()
-        if upsampler != "pixelshuffle":
-            raise ValueError(f"HAT: only upsampler='pixelshuffle' is implemented, got {upsampler!r}")
-        if patch_size != 1:
-            raise ValueError(f"HAT: patch_size must be 1 for SR, got {patch_size}")
-        if len(depths) != len(num_heads):
-            raise ValueError(f"HAT: depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length")
-        if upscale in aux_scales:
-            raise ValueError(f"HAT: aux_scales {tuple(aux_scales)} must not contain the main scale {upscale}")
+        self._check_args(upsampler, patch_size, depths, num_heads, upscale, aux_scales)
         num_feat = 64
         self.window_size, self.shift_size = window_size, window_size // 2
         self.overlap_ratio, self.img_range, self.upscale, self.upsampler = overlap_ratio, img_range, upscale, upsampler
         self.attn_impl: AttentionImpl = attn_impl
         self.aux_scales = tuple(aux_scales)
-        self.register_buffer("mean", torch.tensor(RGB_MEAN if in_chans == 3 else (0.0,)).view(1, -1, 1, 1),
-                             persistent=False)
+        self._register_mean(in_chans)
         self.register_buffer("relative_position_index_SA", relative_position_index(window_size))
         ows = window_size + int(overlap_ratio * window_size)
         self.register_buffer("relative_position_index_OCA", overlap_relative_position_index(window_size, ows))
@@ -285,12 +264,7 @@ class HAT(SRHeads):
                 use_checkpoint=use_checkpoint))
         self.norm = norm_layer(embed_dim)
         self.conv_after_body = _resi_conv(embed_dim, resi_connection)
-        self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
-        self.upsample = Upsample(upscale, num_feat)
-        self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
-        if self.aux_scales:
-            self.aux_heads = nn.ModuleDict({f"x{s}": AuxHead(embed_dim, num_feat, s, in_chans)
-                                            for s in self.aux_scales})
+        self._build_heads(embed_dim, in_chans, num_feat)
         self.apply(_init_weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

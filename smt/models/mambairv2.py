@@ -29,9 +29,9 @@ from einops import rearrange
 
 from smt.kernels.attention import AttentionImpl, window_attention
 from smt.kernels.selective_scan import ScanImpl, selective_scan
-from smt.models.common import (RGB_MEAN, SRHeads, Upsample, pad_to_multiple, relative_position_index,
+from smt.models.common import (SRHeads, pad_to_multiple, relative_position_index,
                                shifted_window_mask, window_partition, window_reverse)
-from smt.models.hat import AuxHead, _init_weights, _PatchEmbed
+from smt.models.hat import _init_weights, _PatchEmbed
 
 __all__ = ["MambaIRv2"]
 
@@ -258,14 +258,7 @@ class MambaIRv2(SRHeads):
                  aux_scales: Sequence[int] = (), routing: Routing = "gumbel", attn_impl: AttentionImpl = "sdpa",
                  scan_impl: ScanImpl = "auto") -> None:
         super().__init__()
-        if upsampler != "pixelshuffle":
-            raise ValueError(f"MambaIRv2: only upsampler='pixelshuffle' is implemented, got {upsampler!r}")
-        if patch_size != 1:
-            raise ValueError(f"MambaIRv2: patch_size must be 1 for SR, got {patch_size}")
-        if len(depths) != len(num_heads):
-            raise ValueError(f"MambaIRv2: depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length")
-        if upscale in aux_scales:
-            raise ValueError(f"MambaIRv2: aux_scales {tuple(aux_scales)} must not contain the main scale {upscale}")
+        self._check_args(upsampler, patch_size, depths, num_heads, upscale, aux_scales)
         if routing not in ("gumbel", "argmax"):
             raise ValueError(f"MambaIRv2: routing must be 'gumbel' or 'argmax', got {routing!r}")
         num_feat = 64
@@ -274,8 +267,7 @@ class MambaIRv2(SRHeads):
         self.routing: Routing = routing
         self.attn_impl: AttentionImpl = attn_impl
         self.scan_impl: ScanImpl = scan_impl
-        self.register_buffer("mean", torch.tensor(RGB_MEAN if in_chans == 3 else (0.0,)).view(1, -1, 1, 1),
-                             persistent=False)
+        self._register_mean(in_chans)
         self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
         self.patch_embed = _PatchEmbed(embed_dim, norm_layer if patch_norm else None)
         self.ape = ape
@@ -292,12 +284,7 @@ class MambaIRv2(SRHeads):
         self.norm = norm_layer(embed_dim)
         self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1) if resi_connection == "1conv" \
             else _three_conv(embed_dim)
-        self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
-        self.upsample = Upsample(upscale, num_feat)
-        self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
-        if self.aux_scales:
-            self.aux_heads = nn.ModuleDict({f"x{s}": AuxHead(embed_dim, num_feat, s, in_chans)
-                                            for s in self.aux_scales})
+        self._build_heads(embed_dim, in_chans, num_feat)
         self.apply(_init_weights)
 
     def forward_features(self, x: torch.Tensor, params: dict) -> torch.Tensor:

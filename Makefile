@@ -22,7 +22,7 @@ install: $(STAMP)
 
 repro: $(STAMP)
 	@test -d .dvc || (dvc init --quiet && dvc config core.analytics false)
-	dvc repro
+	dvc repro report
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,5 +1,7 @@
 """Command line: ``python -m smt stage NAME`` (a DVC stage), ``train`` (one training stage; what ``torchrun``
-launches), ``evaluate SR_DIR HR_DIR`` (score a folder the challenge's way), ``pipeline`` (write dvc.yaml)."""
+launches), ``infer`` (the inference stage; shards images under ``torchrun``), ``evaluate SR_DIR HR_DIR`` (score
+a folder the challenge's way), ``upscale`` (your images), ``pipeline`` (write dvc.yaml), ``profile NAME`` (switch
+demo <-> ntire2025), ``check`` (dry run: what data, weights and GPUs are missing), ``smoke`` (first run on a GPU machine)."""
 from __future__ import annotations
 
 import argparse
@@ -39,6 +41,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from smt.config import load_section
+    from smt.distributed import dist_info
+    from smt.infer.runner import run_inference
+
+    out = run_inference(load_section("infer", args.params), load_section("train", args.params),
+                        load_section("data", args.params), args.out, params_path=args.params)
+    if dist_info()[0] == 0:
+        print(json.dumps(out["timings"], indent=2))
+    return 0
+
+
 def _cmd_upscale(args: argparse.Namespace) -> int:
     import torch
 
@@ -49,7 +63,8 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     files = collect_inputs(args.inputs)
     net = model_from_checkpoint(args.checkpoint, args.model, args.device)
     summary = upscale_files(files, args.out, net, tile=args.tile, overlap=args.tile_overlap,
-                            use_self_ensemble=args.self_ensemble, overwrite=args.overwrite)
+                            use_self_ensemble=args.self_ensemble, overwrite=args.overwrite,
+                            precision="bf16" if args.bf16 else "fp32")
     for path, why in summary.skipped:
         print(f"skipped {path}: {why}", file=sys.stderr)
     print(f"wrote {len(summary.written)} image(s) to {args.out}")
@@ -62,6 +77,36 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     path = write_dvc_yaml(args.params, args.out)
     print(f"wrote {path}")
     return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from smt.profile import format_check, list_profiles, switch_profile
+
+    if args.name is None:
+        for name, path in list_profiles().items():
+            print(f"{name}: {path}")
+        return 0
+    items, actions = switch_profile(args.name, dry_run=args.dry_run)
+    print(format_check(items))
+    for a in actions:
+        print(a)
+    return 1 if args.strict and any(i.status == "missing" for i in items) else 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from smt.profile import check_params, format_check
+
+    items = check_params(args.params)
+    print(format_check(items))
+    return 1 if args.strict and any(i.status == "missing" for i in items) else 0
+
+
+def _cmd_smoke(args: argparse.Namespace) -> int:
+    from smt.smoke import format_rows, run_smoke
+
+    rows = run_smoke(args.device, args.models, args.patch, args.batch)
+    print(format_rows(rows))
+    return 0 if all(r.ok for r in rows) else 1
 
 
 def _cuda() -> bool:
@@ -90,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", required=True)
     p.add_argument("--max-steps", type=int, help="stop (and save) after this many steps in total")
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("infer", help="the infer stage without its notebook; shards images under torchrun")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--out", default="results")
+    p.set_defaults(func=_cmd_infer)
     p = sub.add_parser("upscale", help="super-resolve your images with a checkpoint")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True, help="output folder (written as <name>x4.png)")
@@ -100,11 +149,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--self-ensemble", action="store_true", help="x8 geometric self-ensemble (8x slower)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fast on GPUs and CPUs with native bf16)")
     p.set_defaults(func=_cmd_upscale)
     p = sub.add_parser("pipeline", help="write dvc.yaml from params.yaml (models, rounds, stages)")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--out", default="dvc.yaml")
     p.set_defaults(func=_cmd_pipeline)
+    p = sub.add_parser("profile", help="switch params.yaml (and dvc.yaml) to profiles/NAME.yaml; no NAME: list")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--dry-run", action="store_true", help="only check the profile: config, data, weights, GPUs")
+    p.add_argument("--strict", action="store_true", help="exit 1 when something is missing")
+    p.set_defaults(func=_cmd_profile)
+    p = sub.add_parser("check", help="dry run of the active params: what data, weights and GPUs are missing")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--strict", action="store_true", help="exit 1 when something is missing")
+    p.set_defaults(func=_cmd_check)
+    p = sub.add_parser("smoke", help="GPU smoke check: kernels vs reference, one train step and one tiled "
+                                     "inference per model")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--models", default="large", choices=["large", "tiny"])
+    p.add_argument("--patch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=2)
+    p.set_defaults(func=_cmd_smoke)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

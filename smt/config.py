@@ -24,29 +24,49 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The ``data`` stage: build the image sets and their bicubic LR counterparts."""
+    """The ``data`` stage: build the image sets and their bicubic LR counterparts.
 
-    source: Literal["demo"] = "demo"
+    ``source: demo`` uses the embedded scikit-image photographs named in ``*_images``; ``source: sources`` uses
+    the downloadable data sets named in ``*_sources`` (see ``smt/data/sources.json``)."""
+
+    source: Literal["demo", "sources"] = "demo"
     root: str = "data/demo"
     scale: int = 4
     max_side: int = 512  # HR images are centre-cropped to at most this side (0 = keep whole)
     train_images: tuple[str, ...] = ()
     valid_images: tuple[str, ...] = ()
     test_images: tuple[str, ...] = ()
+    train_sources: tuple[str, ...] = ()
+    valid_sources: tuple[str, ...] = ()
+    test_sources: tuple[str, ...] = ()
+    folders: dict[str, str] = dataclasses.field(default_factory=dict)  # source -> a local copy (no download)
+    downloads: str = "~/.cache/smt/downloads"  # archives (resumable .part files live here too, not in data/)
+    raw: str = "data/raw"  # extracted archives, one folder per archive
+    lock: str = "data/sources.lock.json"  # SHA-256 pinned at first download; commit it
+    subimage_size: int = 0  # HR training images cut once into tiles of this side (0 = keep whole)
+    subimage_step: int = 0
 
     def __post_init__(self) -> None:
         if self.scale not in (2, 3, 4):
             raise ConfigError(f"data.scale: must be 2, 3 or 4, got {self.scale}")
         if self.max_side < 0:
             raise ConfigError(f"data.max_side: must be >= 0, got {self.max_side}")
-        if not self.train_images or not self.valid_images:
-            raise ConfigError("data.train_images and data.valid_images: each needs at least one image")
-        seen: dict[str, str] = {}
-        for split in ("train_images", "valid_images", "test_images"):
-            for name in getattr(self, split):
-                if name in seen:
-                    raise ConfigError(f"data.{split}: image {name!r} is already in data.{seen[name]}")
-                seen[name] = split
+        if self.source == "demo":
+            if not self.train_images or not self.valid_images:
+                raise ConfigError("data.train_images and data.valid_images: each needs at least one image")
+        elif not self.train_sources or not self.valid_sources:
+            raise ConfigError("data.train_sources and data.valid_sources: each needs at least one source")
+        if self.subimage_size and not 0 < self.subimage_step <= self.subimage_size:
+            raise ConfigError("data.subimage_step: must be in (0, data.subimage_size] when sub-images are on")
+        if self.subimage_size % self.scale or self.subimage_step % self.scale:
+            raise ConfigError(f"data.subimage_size and data.subimage_step: must be multiples of {self.scale}")
+        for kind in ("images", "sources"):
+            seen: dict[str, str] = {}
+            for split in (f"train_{kind}", f"valid_{kind}", f"test_{kind}"):
+                for name in getattr(self, split):
+                    if name in seen:
+                        raise ConfigError(f"data.{split}: {name!r} is already in data.{seen[name]}")
+                    seen[name] = split
 
 
 @dataclass(frozen=True)
@@ -105,10 +125,15 @@ class InferConfig:
     window_tiles: tuple[int, ...] = (100, 200, 300, 400, 500)
     window_weights: tuple[float, ...] = (1.0, 1.0, 1.2, 0.8, 0.8)
     routing: Literal["gumbel", "argmax"] = "argmax"  # MambaIRv2 prompt routing at inference
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast: fast on GPUs / CPUs with native bf16
     seed: int = 0  # seeds the Gumbel noise when routing is "gumbel"
     fusion_grid: int = 101
+    nproc: int = 1  # processes per node; > 1 shards the images across processes under torchrun
+    nnodes: int = 1
 
     def __post_init__(self) -> None:
+        if self.nproc < 1 or self.nnodes < 1:
+            raise ConfigError(f"infer.nproc and infer.nnodes: must be >= 1, got {self.nproc}, {self.nnodes}")
         if len(self.window_tiles) != len(self.window_weights):
             raise ConfigError("infer.window_weights: needs one weight per entry of infer.window_tiles")
         if any(t < 1 for t in self.window_tiles):
@@ -120,10 +145,11 @@ class InferConfig:
 
 
 def _sections() -> dict[str, type]:
+    from smt.ablations.config import AblationConfig
     from smt.train.config import TrainConfig
 
     return {"data": DataConfig, "select": SelectConfig, "train": TrainConfig, "infer": InferConfig,
-            "report": ReportConfig}
+            "report": ReportConfig, "ablations": AblationConfig}
 
 
 

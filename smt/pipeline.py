@@ -22,8 +22,9 @@ HEADER = """\
 # Each stage runs its notebook with papermill (python -m smt stage NAME); the executed notebook and its HTML
 # export land in reports/NAME/. Deps: the notebook, the smt code it runs and exactly the params it reads.
 """
-_TRAIN_COMMON = ["seed", "device", "nproc", "num_workers", "threads", "betas", "ema_decay", "grad_clip", "bf16",
-                 "aux_scales", "aux_weights", "log_every", "val_every", "ckpt_every", "val_max_side", "out_root"]
+_TRAIN_COMMON = ["seed", "device", "nproc", "nnodes", "num_workers", "threads", "betas", "ema_decay", "ema_warmup",
+                 "grad_clip", "bf16", "aux_scales", "aux_weights", "log_every", "val_every", "ckpt_every",
+                 "val_max_side", "out_root"]
 
 
 def train_stage_name(model: str, round_: int, stage: str) -> str:
@@ -41,7 +42,19 @@ def stage_notebooks(cfg: TrainConfig | None) -> dict[str, tuple[str, dict]]:
                                                          {"model": model, "round_": r, "stage": s})
     stages["infer"] = ("notebooks/80_infer.ipynb", {})
     stages["report"] = ("notebooks/90_report.ipynb", {})
+    stages.update({name: (nb, {}) for name, nb in ABLATION_NOTEBOOKS.items()})
     return stages
+
+
+# the ablation stages (not run by `make repro`, which targets `report`; `dvc repro ablation_loss` etc.)
+ABLATION_NOTEBOOKS = {
+    "ablation_loss": "notebooks/ablations/a1_multiscale_loss.ipynb",
+    "ablation_subset": "notebooks/ablations/a2_clip_vs_random.ipynb",
+    "ablation_ensemble": "notebooks/ablations/a3_ensemble_cost.ipynb",
+    "ablation_fusion": "notebooks/ablations/a4_fusion_weight.ipynb",
+}
+# notebooks run outside DVC (they call dvc themselves): `python -m smt stage experiments`
+TOOL_NOTEBOOKS = {"experiments": "notebooks/ablations/experiments.ipynb"}
 
 
 def build_stages(params_path: str | Path = "params.yaml") -> dict:
@@ -68,7 +81,8 @@ def build_stages(params_path: str | Path = "params.yaml") -> dict:
             name = train_stage_name(model, r, s)
             run = f"{cfg.out_root}/{model}/{cfg.run_name(r, s)}"
             deps = ["notebooks/20_train.ipynb", "smt/stages.py", "smt/config.py", "smt/train", "smt/models",
-                    "smt/kernels", "smt/metrics.py", "smt/evaluate.py", "smt/report/figures.py", "${data.root}"]
+                    "smt/kernels", "smt/distributed.py", "smt/metrics.py", "smt/evaluate.py", "smt/report/figures.py",
+                    "${data.root}"]
             prev = cfg.previous(r, s)
             if prev is not None:
                 deps.append(f"{cfg.out_root}/{model}/{cfg.run_name(*prev)}/model.safetensors")
@@ -87,7 +101,7 @@ def build_stages(params_path: str | Path = "params.yaml") -> dict:
     stages["infer"] = {
         "cmd": "python -m smt stage infer",
         "deps": ["notebooks/80_infer.ipynb", "smt/stages.py", "smt/config.py", "smt/infer", "smt/models", "smt/kernels",
-                 "smt/train/runner.py", "smt/metrics.py", "${data.root}", *finals],
+                 "smt/train/runner.py", "smt/distributed.py", "smt/metrics.py", "${data.root}", *finals],
         "params": ["data.root", "data.scale", "infer", "train.models", "train.rounds", "train.stage_order",
                    "train.out_root"],
         "outs": ["results", "reports/infer"],
@@ -101,6 +115,39 @@ def build_stages(params_path: str | Path = "params.yaml") -> dict:
         "outs": ["reports/report", "reports/index.html"],
         "metrics": [{"reports/metrics.json": {"cache": False}}],
     }
+    ab = load_section("ablations", params_path)
+    common = ["smt/stages.py", "smt/config.py", "smt/ablations", "smt/report/figures.py", "${data.root}"]
+    training = ["smt/train", "smt/models", "smt/kernels", "smt/distributed.py", "smt/metrics.py"]
+    prev = cfg.previous(1, ab.subset_stage) if (1, ab.subset_stage) in cfg.schedule() else None
+    stages["ablation_loss"] = {
+        "cmd": "python -m smt stage ablation_loss",
+        "deps": [ABLATION_NOTEBOOKS["ablation_loss"], *common, *training],
+        "params": ["data.root", "data.scale", "train", "ablations"],
+        "outs": [{f"{ab.out_root}/loss": {"persist": True}}, "reports/ablation_loss"],
+    }
+    stages["ablation_subset"] = {
+        "cmd": "python -m smt stage ablation_subset",
+        "deps": [ABLATION_NOTEBOOKS["ablation_subset"], *common, *training, "data/selection/selection.csv",
+                 *([f"{cfg.out_root}/{ab.model}/{cfg.run_name(*prev)}/model.safetensors"] if prev else [])],
+        "params": ["data.root", "data.scale", "train", "ablations", "select.pool_split"],
+        "outs": [{f"{ab.out_root}/subset": {"persist": True}}, "reports/ablation_subset"],
+    }
+    stages["ablation_ensemble"] = {
+        "cmd": "python -m smt stage ablation_ensemble",
+        "deps": [ABLATION_NOTEBOOKS["ablation_ensemble"], *common, "smt/infer", "smt/models", "smt/kernels",
+                 "smt/train/runner.py", "smt/metrics.py", "results", *finals],
+        "params": ["data.root", "data.scale", "infer", "train.models", "train.rounds", "train.stage_order",
+                   "train.out_root"],
+        "outs": ["reports/ablation_ensemble"],
+    }
+    stages["ablation_fusion"] = {
+        "cmd": "python -m smt stage ablation_fusion",
+        "deps": [ABLATION_NOTEBOOKS["ablation_fusion"], *common, "smt/infer", "smt/metrics.py", "results"],
+        "params": ["data.root", "data.scale", "infer"],
+        "outs": ["reports/ablation_fusion"],
+    }
+    for name in ABLATION_NOTEBOOKS:
+        stages[name]["metrics"] = [{f"reports/metrics_{name}.json": {"cache": False}}]
     del data_cfg
     return stages
 

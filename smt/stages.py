@@ -23,6 +23,13 @@ def stage_table(params_path: str = "params.yaml") -> dict[str, tuple[str, dict]]
     return stage_notebooks(cfg)
 
 
+def tool_table() -> dict[str, tuple[str, dict]]:
+    """Notebooks run like stages but outside DVC (``python -m smt stage experiments``)."""
+    from smt.pipeline import TOOL_NOTEBOOKS
+
+    return {name: (nb, {}) for name, nb in TOOL_NOTEBOOKS.items()}
+
+
 def export_html(notebook: Path, html_path: Path) -> None:
     import nbformat
     from nbconvert import HTMLExporter
@@ -40,7 +47,7 @@ def run_stage(name: str, params_path: str = "params.yaml", root: str | Path = ".
     import papermill
 
     root = Path(root).resolve()
-    table = stage_table(str(root / params_path))
+    table = {**stage_table(str(root / params_path)), **tool_table()}
     if name not in table:
         raise KeyError(f"unknown stage {name!r} (valid stages: {', '.join(table)})")
     notebook_rel, extra = table[name]

@@ -51,3 +51,59 @@ def test_missing_file_and_section(tmp_path):
         load_section("data", p)
     with pytest.raises(ConfigError, match="unknown section 'trian'"):
         load_section("trian", p)
+
+
+def test_profiles_parse_and_demo_profile_is_the_committed_params(tmp_path):
+    from smt.pipeline import write_dvc_yaml
+    from smt.profile import SECTIONS, list_profiles
+
+    profiles = list_profiles(REPO)
+    assert {"demo", "ntire2025"} <= set(profiles)
+    for path in profiles.values():
+        for section in SECTIONS:
+            load_section(section, path)
+        write_dvc_yaml(path, tmp_path / f"{path.stem}.yaml")  # every profile makes a pipeline
+    assert profiles["demo"].read_text() == (REPO / "params.yaml").read_text(), \
+        "params.yaml is not profiles/demo.yaml: the README's main command must run the demo"
+    ntire = load_section("train", profiles["ntire2025"])
+    assert ntire.rounds == 5 and ntire.models["hat"].preset == "hat_l" and ntire.models["mambairv2"].preset == \
+        "mambairv2_l"
+    assert [(s.patch_size, s.batch_size, s.loss, s.lr, s.iters) for s in ntire.stages.values()] == [
+        (64, 64, "l1", 1e-4, 250_000), (128, 16, "mse", 1e-5, 250_000), (128, 16, "mse", 1e-5, 100_000)]
+    infer = load_section("infer", profiles["ntire2025"])
+    assert infer.window_tiles == (100, 200, 300, 400, 500) and infer.window_weights == (1.0, 1.0, 1.2, 0.8, 0.8)
+
+
+def test_ntire_dry_run_lists_what_is_missing_here():
+    from smt.profile import check_params, format_check
+
+    items = check_params(REPO / "profiles" / "ntire2025.yaml", gpus=0)
+    missing = [i.what for i in items if i.status == "missing"]
+    assert any("HAT-L_SRx4_ImageNet-pretrain.pth" in m for m in missing)
+    assert any("data.folders.DIV2K_test_LR" in m for m in missing)
+    assert any("no CUDA device" in m for m in missing)
+    assert any("LSDIR_train" in i.what for i in items if i.status == "todo")
+    assert format_check(items).splitlines()[-1].startswith("NOT READY")
+    with_gpus = check_params(REPO / "profiles" / "ntire2025.yaml", gpus=4)
+    assert any("train.nproc = 8 but this machine has 4" in i.what for i in with_gpus)
+    demo = check_params(REPO / "params.yaml", gpus=0)
+    assert not [i for i in demo if i.status == "missing"], format_check(demo)
+
+
+def test_switch_profile_rewrites_params_and_pipeline_and_keeps_edits(tmp_path):
+    import shutil
+
+    from smt.profile import switch_profile
+
+    shutil.copytree(REPO / "profiles", tmp_path / "profiles")
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text() + "# my edit\n")
+    items, actions = switch_profile("ntire2025", tmp_path, gpus=0)
+    assert (tmp_path / "params.yaml").read_text() == (REPO / "profiles" / "ntire2025.yaml").read_text()
+    assert "train_mambairv2_r5_s3:" in (tmp_path / "dvc.yaml").read_text()
+    backups = list(tmp_path.glob("params.yaml.*.bak"))
+    assert len(backups) == 1 and backups[0].read_text().endswith("# my edit\n") and "edited by hand" in actions[0]
+    switch_profile("demo", tmp_path, gpus=0)
+    assert (tmp_path / "params.yaml").read_text() == (REPO / "params.yaml").read_text()
+    assert len(list(tmp_path.glob("params.yaml.*.bak"))) == 1  # a profile's own text is never backed up
+    with pytest.raises(ConfigError, match="unknown profile 'nope'"):
+        switch_profile("nope", tmp_path)

@@ -1,4 +1,6 @@
-"""Inference: tiling, self-ensemble, multi-window, fusion, byte-identical reruns, the upscale CLI."""
+"""Inference: tiling, self-ensemble, multi-window, fusion, byte-identical reruns, sharding, the upscale CLI."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -163,6 +165,49 @@ def test_inference_stage_is_byte_identical_on_rerun(trained_setup, routing):
     assert 0.0 <= res["fusion"]["weight_a"] <= 1.0 and set(res["timings"]) >= names
 
 
+def test_inference_sharded_over_two_processes_equals_one(trained_setup, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each takes every other image, rank 0 fuses; same bytes as 1 process."""
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from smt.config import as_dict
+    from smt.infer.runner import run_inference
+
+    data, train, infer, base = trained_setup
+    single = run_inference(infer, train, data, tmp_path / "one", log=lambda m: None)
+    params = {"data": as_dict(data), "train": as_dict(train),
+              "infer": {**as_dict(dataclasses.replace(infer, nproc=2))}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(json_ready(params)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "smt", "infer", "--params", str(tmp_path / "params.yaml"),
+                          "--out", str(tmp_path / "two")], cwd=Path(__file__).parents[1], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    files = {p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png")}
+    assert files == {p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.png")}
+    assert len(files) == 3 * 6  # 3 images x 6 methods
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    two = json.loads((tmp_path / "two" / "fusion.json").read_text())
+    assert two["weight_a"] == single["fusion"]["weight_a"] and two["curves"] == single["fusion"]["curves"]
+    timings = json.loads((tmp_path / "two" / "timings.json").read_text())
+    assert list(timings) == list(single["timings"]) and not (tmp_path / "two" / ".fusion_inputs").exists()
+
+
+def json_ready(obj):
+    """Tuples -> lists, recursively (yaml.safe_dump writes lists only)."""
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
 def test_upscale_cli(trained_setup, tmp_path, capsys):
     from PIL import Image
 
@@ -187,3 +232,25 @@ def test_upscale_cli(trained_setup, tmp_path, capsys):
     assert rc == 2 and "does not fit MambaIRv2" in capsys.readouterr().err
     rc = main(["upscale", str(tmp_path / "missing"), "--out", str(tmp_path / "o3"), "--checkpoint", str(ckpt)])
     assert rc == 2 and "no such file or folder" in capsys.readouterr().err
+
+
+def test_bf16_inference_stays_within_a_hundredth_of_a_db():
+    from smt.data.demo import load_demo_image
+    from smt.data.imresize import bicubic_degrade
+    from smt.infer.precision import with_precision
+    from smt.metrics import NTIRE2025, evaluate_pair
+    from smt.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("mambairv2_tiny", routing="argmax").eval()
+    hr = load_demo_image("astronaut")[100:164, 180:244]
+    x = torch.from_numpy(bicubic_degrade(hr, 4)).permute(2, 0, 1)[None].float() / 255
+    out = {}
+    for p in ("fp32", "bf16"):
+        y = tiled_forward(with_precision(net, p), x, 4, 0, 0)
+        assert y.dtype == torch.float32
+        out[p] = (y[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    d = abs(evaluate_pair(out["bf16"], hr, NTIRE2025)["psnr_y"] - evaluate_pair(out["fp32"], hr, NTIRE2025)["psnr_y"])
+    assert 0 < d < 0.01  # bf16 really ran (outputs differ) and stays within 0.01 dB
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        with_precision(net, "fp16")

@@ -132,3 +132,21 @@ def test_model_fast_paths_equal_reference_paths(name):
     x = torch.rand(1, 3, 20, 12)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_triton_kernel_under_the_interpreter():
+    """Our GPU kernel (Triton) runs on CPU tensors in Triton's interpreter: run its test file that way."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton", reason="Triton is not installed")
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA, tests/test_triton_scan.py runs the kernel on the GPU directly")
+    from conftest import REPO
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_scan.py"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "6 passed" in res.stdout, res.stdout[-1000:]

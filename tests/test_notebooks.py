@@ -4,16 +4,17 @@ import json
 import pytest
 import yaml
 
-from smt.stages import stage_table
+from smt.stages import stage_table, tool_table
 from conftest import REPO
 
 NOTEBOOKS = sorted((REPO / "notebooks").rglob("*.ipynb"))
 STAGES = stage_table(str(REPO / "params.yaml"))
+TOOLS = tool_table()
 
 
 def test_there_are_notebooks():
-    assert NOTEBOOKS and all((REPO / nb).exists() for nb, _ in STAGES.values())
-    assert {REPO / nb for nb, _ in STAGES.values()} == set(NOTEBOOKS)
+    assert NOTEBOOKS and all((REPO / nb).exists() for nb, _ in [*STAGES.values(), *TOOLS.values()])
+    assert {REPO / nb for nb, _ in [*STAGES.values(), *TOOLS.values()]} == set(NOTEBOOKS)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])

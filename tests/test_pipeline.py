@@ -38,6 +38,7 @@ def workdir(tmp_path_factory):
         stage.update(patch_size=8, batch_size=2, iters=3, milestones=[])
     params["train"].update(val_every=2, ckpt_every=2, log_every=1, val_max_side=16)
     params["infer"].update(window_tiles=[8, 16], window_weights=[1.0, 1.0], tile_overlap=2)
+    params["ablations"].update(loss_iters=2, seeds=[0, 1])
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     _run([sys.executable, "-m", "smt", "pipeline"], work)
     _run(["git", "init", "-q"], work)
@@ -68,6 +69,16 @@ def test_repro_writes_reports_and_metrics(workdir):
     assert 'href="data/data.html"' in index and 'href="report/report.html"' in index and "NTIRE2025" in index
     assert "Training: mambairv2, round 1, stage s3" in index
     assert (workdir / "models/hat/r1_s3/model.safetensors").exists()
+    # the ablation stages (plain `dvc repro` runs them too; `make repro` targets `report` only)
+    for stage in ("ablation_loss", "ablation_subset", "ablation_ensemble", "ablation_fusion"):
+        html = (workdir / "reports" / stage / f"{stage}.html").read_text()
+        assert "Conclusion." in html and "Traceback" not in html, stage
+        assert json.loads((workdir / "reports" / f"metrics_{stage}.json").read_text())
+    loss = json.loads((workdir / "reports/metrics_ablation_loss.json").read_text())
+    assert set(loss["variants"]) == {"x4_only", "paper", "equal"} and loss["variants"]["paper"]["n"] == 2
+    runs = (workdir / "reports/ablation_subset/runs.csv").read_text()
+    assert runs.count("clip") == 2 and runs.count("random") == 2
+    assert 'href="ablation_loss/ablation_loss.html"' in index
 
 
 def test_second_repro_does_nothing_and_param_change_reruns_dependents(workdir):

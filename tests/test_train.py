@@ -232,3 +232,10 @@ def test_multistep_lr_and_ema_update():
     ema.update(net)
     torch.testing.assert_close(ema.model.weight, 0.9 * before + 0.1 * net.weight.detach())
     assert not any(p.requires_grad for p in ema.model.parameters())
+    warm = EMA(net, decay=0.99, warmup=True)
+    assert [round(warm.decay_at(t), 6) for t in (0, 8, 1000)] == [0.1, 0.5, 0.99]
+    target = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    warm.update(net, step=0)  # decay 0.1: the average moves 90% of the way
+    torch.testing.assert_close(warm.model.weight, 0.1 * target + 0.9 * net.weight.detach())

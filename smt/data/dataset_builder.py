@@ -25,7 +25,7 @@ from smt.data.demo import load_demo_image
 from smt.data.images import ImageError, sha256_file, write_png
 from smt.data.imresize import bicubic_degrade
 
-__all__ = ["SPLITS", "MANIFEST_COLUMNS", "prepare_hr", "build_dataset", "read_manifest", "manifest_path"]
+__all__ = ["SPLITS", "MANIFEST_COLUMNS", "prepare_hr", "build_dataset", "read_manifest", "manifest_path", "has_hr"]
 
 SPLITS = {"train": 1, "valid": 101, "test": 201}
 MANIFEST_COLUMNS = ["id", "source", "hr_path", "lr_path", "hr_height", "hr_width", "lr_height", "lr_width",
@@ -58,6 +58,10 @@ class _Item:
 
 def build_dataset(cfg: DataConfig) -> dict[str, pd.DataFrame]:
     """Build every split of ``cfg`` under ``cfg.root`` (replacing what was there) and return the manifests."""
+    if cfg.source == "sources":
+        from smt.data.sources import build_from_sources
+
+        return build_from_sources(cfg)
     root = Path(cfg.root)
     items = [
         _Item(split, start + i, name)
@@ -69,8 +73,6 @@ def build_dataset(cfg: DataConfig) -> dict[str, pd.DataFrame]:
     shutil.rmtree(staging, ignore_errors=True)
     rows: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for item in tqdm(items, desc="data", unit="img"):
-        if cfg.source != "demo":  # pragma: no cover - guarded by the config Literal
-            raise ValueError(f"unsupported data.source {cfg.source!r}")
         hr = prepare_hr(load_demo_image(item.source), cfg.scale, cfg.max_side, item.source)
         lr = bicubic_degrade(hr, cfg.scale)
         stem = f"{item.index:04d}"
@@ -98,14 +100,19 @@ def read_manifest(root: str | Path, split: str, verify: bool = False) -> pd.Data
     path = manifest_path(root, split)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest not found; run the data stage first (dvc repro data)")
-    df = pd.read_csv(path, dtype={"id": str})
+    df = pd.read_csv(path, dtype={"id": str, "hr_path": str, "hr_sha256": str}, keep_default_na=False)
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: manifest lacks columns {missing}")
     if verify:
         for row in df.itertuples():
-            for kind in ("hr", "lr"):
+            for kind in ("hr", "lr") if row.hr_path else ("lr",):
                 f = Path(root) / getattr(row, f"{kind}_path")
                 if sha256_file(f) != getattr(row, f"{kind}_sha256"):
                     raise ValueError(f"{f}: content does not match its manifest hash")
     return df
+
+
+def has_hr(manifest: pd.DataFrame) -> bool:
+    """Whether every image of a split has its HR (the challenge's test set has none)."""
+    return not manifest.empty and bool((manifest["hr_path"] != "").all())

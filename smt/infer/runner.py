@@ -5,12 +5,15 @@ for the methods ``<model>`` (plain), ``<model>+SE`` (x8 self-ensemble), ``<mw mo
 and ``fused`` (the best of each model, mixed with the weight fit on the validation images), plus
 ``results/timings.json`` (seconds per image and peak memory per method) and ``results/fusion.json``
 (weight, PSNR-Y curve over the weight on validation and test). Byte-identical on rerun: argmax routing, or
-Gumbel routing seeded per image.
+Gumbel routing seeded per image. Under ``torchrun`` (``infer.nproc``/``infer.nnodes`` > 1) the images are
+sharded across processes; each writes its PNGs and its float outputs, and rank 0 fits and applies the fusion
+(``results/`` must then be on a file system every node sees).
 """
 from __future__ import annotations
 
 import json
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,10 +23,12 @@ import torch
 from tqdm import tqdm
 
 from smt.config import DataConfig, InferConfig
-from smt.data.dataset_builder import read_manifest
+from smt.data.dataset_builder import has_hr, read_manifest
 from smt.data.images import read_image, write_png
+from smt.distributed import barrier, device_for, dist_info, init_process_group, torchrun
 from smt.infer.ensemble import multi_window, self_ensemble
 from smt.infer.fusion import fit_fusion_weight, fuse
+from smt.infer.precision import with_precision
 from smt.infer.tiling import tiled_forward
 from smt.train.config import TrainConfig
 from smt.train.runner import load_trained
@@ -58,11 +63,36 @@ def METHOD_ORDER(cfg: InferConfig) -> list[str]:  # noqa: N802 - reads like a co
     return names
 
 
+def _merge_timings(parts: list[dict]) -> dict:
+    """Per-process timing dicts -> one (seconds and images add up, peak memory is the largest)."""
+    out: dict[str, dict] = {}
+    for part in parts:
+        for method, e in part.items():
+            m = out.setdefault(method, {"seconds": 0.0, "images": 0, "peak_mb": 0.0})
+            m["seconds"] += e["seconds"]
+            m["images"] += e["images"]
+            m["peak_mb"] = max(m["peak_mb"], e["peak_mb"])
+    return out
+
+
 def run_inference(infer_cfg: InferConfig, train_cfg: TrainConfig, data_cfg: DataConfig,
-                  results_dir: str | Path = "results", log=print) -> dict:
-    device = torch.device("cuda" if infer_cfg.device == "cuda" or (infer_cfg.device == "auto" and
-                                                                    torch.cuda.is_available()) else "cpu")
+                  results_dir: str | Path = "results", log=print, params_path: str | None = None) -> dict:
+    """Run the stage; with ``infer.nproc`` (or ``nnodes``) > 1 it relaunches itself under torchrun (which needs
+    ``params_path``) and every process takes every world-th image. Under torchrun all ranks return the result."""
     results_dir = Path(results_dir)
+    rank, world = dist_info()
+    if world == 1 and (infer_cfg.nproc > 1 or infer_cfg.nnodes > 1):
+        if params_path is None:
+            raise ValueError("infer.nproc > 1: run_inference needs params_path to relaunch under torchrun")
+        torchrun(infer_cfg.nproc, ["infer", "--params", str(params_path), "--out", str(results_dir)],
+                 infer_cfg.nnodes)
+        return _read_results(results_dir)
+    device = device_for(infer_cfg.device)
+    init_process_group(device)
+    scratch = results_dir / ".fusion_inputs"  # each process's float outputs, for the fusion on rank 0
+    if rank == 0 and scratch.exists():
+        shutil.rmtree(scratch)
+    barrier()
     last_round, last_stage = train_cfg.schedule()[-1]
     nets = {}
     for m in infer_cfg.models:
@@ -72,7 +102,6 @@ def run_inference(infer_cfg: InferConfig, train_cfg: TrainConfig, data_cfg: Data
         nets[m] = load_trained(train_cfg, m, last_round, last_stage, str(device), **extra)
     scale = data_cfg.scale
     timings: dict[str, dict] = {}
-    float_out: dict[tuple[str, str], dict[str, np.ndarray]] = {}  # (split, model) -> id -> best float output
 
     def timed(method: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         t = time.perf_counter()
@@ -85,14 +114,14 @@ def run_inference(infer_cfg: InferConfig, train_cfg: TrainConfig, data_cfg: Data
 
     splits = {s: read_manifest(data_cfg.root, s) for s in ("valid", "test")}
     for split, manifest in splits.items():
-        for row in tqdm(manifest.itertuples(), total=len(manifest), desc=f"infer {split}", unit="img"):
+        mine = manifest.iloc[rank::world]  # the same images on every rerun, whatever the process count
+        for row in tqdm(mine.itertuples(), total=len(mine), desc=f"infer {split}", unit="img", disable=rank != 0):
             lr = read_image(Path(data_cfg.root) / row.lr_path)
             x = _to_tensor(lr, device)
             for m, net in nets.items():
                 seed = infer_cfg.seed * 100_003 + int(row.id)
 
-                def fwd(t: torch.Tensor, net=net) -> torch.Tensor:
-                    return net(t)
+                fwd = with_precision(net, infer_cfg.precision)
 
                 def plain(fwd=fwd) -> torch.Tensor:
                     torch.manual_seed(seed)
@@ -115,26 +144,58 @@ def run_inference(infer_cfg: InferConfig, train_cfg: TrainConfig, data_cfg: Data
                 for method, y in outputs.items():
                     arr = _to_float255(y)
                     write_png(results_dir / split / method / f"{row.id}x{scale}.png", fuse(arr, arr, 1.0))
-                # the most complete configuration of each model feeds the fusion
-                float_out.setdefault((split, m), {})[row.id] = _to_float255(list(outputs.values())[-1])
+                # the most complete configuration of each model feeds the fusion. The model computes in float32,
+                # so storing float32 loses nothing.
+                best = scratch / split / m / f"{row.id}.npy"
+                best.parent.mkdir(parents=True, exist_ok=True)
+                np.save(best, _to_float255(list(outputs.values())[-1]).astype(np.float32))
     if "mw" in timings:
         timings[[k for k in METHOD_ORDER(infer_cfg) if k.endswith("+MW")][0]] = timings.pop("mw")
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / f"timings.rank{rank}.json").write_text(json.dumps(timings))
+    barrier()
+    if rank == 0:
+        timings = _merge_timings([json.loads(f.read_text()) for f in sorted(scratch.glob("timings.rank*.json"))])
+        _fuse_and_write(infer_cfg, data_cfg, splits, scratch, results_dir, timings, log)
+        shutil.rmtree(scratch)
+    barrier()
+    return _read_results(results_dir)
 
-    fusion = {}
-    if len(nets) == 2:
+
+def _read_results(results_dir: Path) -> dict:
+    fusion = results_dir / "fusion.json"
+    return {"timings": json.loads((results_dir / "timings.json").read_text()),
+            "fusion": json.loads(fusion.read_text()) if fusion.exists() else {}}
+
+
+def _fuse_and_write(infer_cfg: InferConfig, data_cfg: DataConfig, splits: dict, scratch: Path, results_dir: Path,
+                    timings: dict, log) -> None:
+    """Fit the fusion weight on validation, write the fused images, ``fusion.json`` and ``timings.json``."""
+    scale = data_cfg.scale
+    fusion_path = results_dir / "fusion.json"
+    fusion_path.unlink(missing_ok=True)
+
+    def best(split: str, model: str, id_: str) -> np.ndarray:
+        return np.load(scratch / split / model / f"{id_}.npy").astype(np.float64)
+
+    if len(infer_cfg.models) == 2:
         a_name, b_name = infer_cfg.models
         curves = {}
         for split, manifest in splits.items():
-            hrs = {r.id: read_image(Path(data_cfg.root) / r.hr_path) for r in manifest.itertuples()}
-            pairs = [(float_out[(split, a_name)][i], float_out[(split, b_name)][i], hrs[i]) for i in hrs]
-            curves[split] = fit_fusion_weight(pairs, infer_cfg.fusion_grid) if pairs else None
+            if not has_hr(manifest):  # no HR (e.g. the challenge's test set): no curve
+                curves[split] = None
+                continue
+            pairs = [(best(split, a_name, r.id), best(split, b_name, r.id),
+                      read_image(Path(data_cfg.root) / r.hr_path)) for r in manifest.itertuples()]
+            curves[split] = fit_fusion_weight(pairs, infer_cfg.fusion_grid)
         fit = curves["valid"]
         log(f"fusion weight of {a_name}: {fit.weight:.2f} (validation PSNR-Y {fit.psnr_y:.3f} dB; "
             f"least-squares weight {fit.least_squares_weight:.3f})")
         for split, manifest in splits.items():
             for r in manifest.itertuples():
+                a, b = best(split, a_name, r.id), best(split, b_name, r.id)
                 t = time.perf_counter()
-                fused = fuse(float_out[(split, a_name)][r.id], float_out[(split, b_name)][r.id], fit.weight)
+                fused = fuse(a, b, fit.weight)
                 write_png(results_dir / split / "fused" / f"{r.id}x{scale}.png", fused)
                 e = timings.setdefault("fused", {"seconds": 0.0, "images": 0, "peak_mb": 0.0})
                 e["seconds"] += time.perf_counter() - t
@@ -142,14 +203,13 @@ def run_inference(infer_cfg: InferConfig, train_cfg: TrainConfig, data_cfg: Data
         fusion = {"model_a": a_name, "model_b": b_name, "weight_a": fit.weight,
                   "least_squares_weight_a": fit.least_squares_weight, "grid": fit.grid,
                   "curves": {s: (c.curve if c else None) for s, c in curves.items()}}
-        (results_dir / "fusion.json").write_text(json.dumps(fusion, indent=2) + "\n")
+        fusion_path.write_text(json.dumps(fusion, indent=2) + "\n")
     for v in timings.values():
         v["seconds_per_image"] = v.pop("seconds") / max(1, v.pop("images"))
     # the fused output costs both models' best configurations plus the mixing
     if "fused" in timings:
-        best = [[k for k in METHOD_ORDER(infer_cfg) if k.startswith(m)][-1] for m in infer_cfg.models]
-        timings["fused"]["seconds_per_image"] += sum(timings[b]["seconds_per_image"] for b in best)
-        timings["fused"]["peak_mb"] = max(timings[b]["peak_mb"] for b in best)
+        chosen = [[k for k in METHOD_ORDER(infer_cfg) if k.startswith(m)][-1] for m in infer_cfg.models]
+        timings["fused"]["seconds_per_image"] += sum(timings[b]["seconds_per_image"] for b in chosen)
+        timings["fused"]["peak_mb"] = max(timings[b]["peak_mb"] for b in chosen)
     timings = {k: timings[k] for k in METHOD_ORDER(infer_cfg) if k in timings}  # the table's row order
     (results_dir / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
-    return {"timings": timings, "fusion": fusion}

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from smt.data.images import IMAGE_SUFFIXES, ImageError, read_image, write_png
 from smt.infer.ensemble import self_ensemble
 from smt.infer.fusion import fuse
+from smt.infer.precision import Precision, with_precision
 from smt.infer.tiling import tiled_forward
 from smt.models import ARCHITECTURES, CheckpointError, build_model, load_weights
 
@@ -82,7 +83,7 @@ class UpscaleSummary:
 
 def upscale_files(files: Sequence[Path], out_dir: str | Path, net: torch.nn.Module, tile: int = 0,
                   overlap: int = 8, use_self_ensemble: bool = False, overwrite: bool = False,
-                  seed: int = 0) -> UpscaleSummary:
+                  precision: Precision = "fp32", seed: int = 0) -> UpscaleSummary:
     out_dir = Path(out_dir)
     device = next(net.parameters()).device
     scale = net.upscale
@@ -100,7 +101,8 @@ def upscale_files(files: Sequence[Path], out_dir: str | Path, net: torch.nn.Modu
         x = torch.from_numpy(lr).permute(2, 0, 1)[None].float().div(255).to(device)
         torch.manual_seed(seed)
         with torch.no_grad():
-            fwd = (lambda t: self_ensemble(net, t)) if use_self_ensemble else net
+            base = with_precision(net, precision)
+            fwd = (lambda t: self_ensemble(base, t)) if use_self_ensemble else base
             y = tiled_forward(fwd, x, scale, tile, overlap)
         arr = (y[0].clamp(0, 1) * 255).permute(1, 2, 0).double().cpu().numpy()
         write_png(target, fuse(arr, arr, 1.0))

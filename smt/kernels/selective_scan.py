@@ -10,9 +10,11 @@ For channel ``d``, state ``n`` and position ``l``::
 Computation is in float32 (float64 when the inputs are float64); the output has ``u``'s dtype.
 
 Implementations, chosen by :func:`selective_scan` (``impl="auto"``):
-- CUDA: mamba_ssm's kernel when it imports; otherwise the reference (slow; no GPU kernel of ours yet).
+- CUDA: mamba_ssm's kernel when it imports; otherwise ours in Triton (:mod:`smt.kernels.triton_scan`, forward
+  and backward); the reference only where neither is available.
 - CPU: :func:`selective_scan_cpu`, a C kernel (``csrc/selective_scan.c``; SIMD over channels, Python threads
-  over channel blocks) with a hand-written backward, built at first use. Why C and not a chunked parallel scan in PyTorch: the recurrence is memory-bound, and
+  over channel blocks) with a hand-written backward, built at first use. Why C and not a chunked parallel scan
+  in PyTorch: the recurrence is memory-bound, and
   a chunked scan materialises (L x N) or (L x T x N) intermediates per channel several times over, while the
   sequential loop keeps the N-vector state in registers and reads each input once. Measured in
   ``benchmarks/bench_kernels.py``.
@@ -31,7 +33,7 @@ from smt.kernels.cpu_build import build_error, load_library
 
 __all__ = ["selective_scan", "selective_scan_ref", "selective_scan_cpu", "ScanImpl"]
 
-ScanImpl = Literal["auto", "reference", "cpu"]
+ScanImpl = Literal["auto", "reference", "cpu", "triton"]
 
 
 def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
@@ -164,11 +166,44 @@ def _grouped(M: torch.Tensor, batch: int, dim: int, length: int, ct: torch.dtype
     return M.transpose(-1, -2).contiguous()
 
 
+def _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """Inference: one C pass does bias + softplus, the scan, the D skip and the z gate, in (b, D, L) layout."""
+    lib = load_library()
+    batch, dim, length = u.shape
+    u, delta, z = u.float(), delta.float(), (z.float() if z is not None else None)
+    if delta.stride() != u.stride() or (z is not None and z.stride() != u.stride()):  # one set of strides
+        u, delta, z = u.contiguous(), delta.contiguous(), (z.contiguous() if z is not None else None)
+    A = A.float().contiguous()
+    Bg, Cg = _grouped(B, batch, dim, length, torch.float32), _grouped(C, batch, dim, length, torch.float32)
+    if dim % Bg.shape[1] or Bg.shape[1] != Cg.shape[1]:
+        raise ValueError(f"selective_scan: {dim} channels cannot be split into B's {Bg.shape[1]} and C's "
+                         f"{Cg.shape[1]} groups")
+    bias = delta_bias.float().contiguous() if delta_bias is not None else None
+    Dv = D.float().contiguous() if D is not None else None
+    y = torch.empty(batch, dim, length)
+    last = torch.empty(batch, dim, A.shape[1])
+    ptr = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
+    args = (u.data_ptr(), delta.data_ptr(), ptr(bias), int(bool(delta_softplus)), A.data_ptr(), Bg.data_ptr(),
+            Cg.data_ptr(), ptr(Dv), ptr(z), y.data_ptr(), last.data_ptr(), batch, dim, A.shape[1], length,
+            Bg.shape[1], u.stride(0), u.stride(2), u.stride(1), y.stride(0), y.stride(2), y.stride(1))
+    njobs = batch * -(-dim // lib.scan_block_width())
+    _run_jobs(lambda a, b: lib.scan_fwd_fused_f32(*args, a, b), njobs, max(1, torch.get_num_threads()))
+    return y, last
+
+
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
-    """The compiled CPU kernel (forward and backward); same semantics as :func:`selective_scan_ref`."""
+    """The compiled CPU kernel (forward and backward); same semantics as :func:`selective_scan_ref`.
+
+    Without autograd (inference) float32 inputs take a fully fused forward; with it, the element-wise parts
+    run in PyTorch around the scan so autograd differentiates them."""
     dtype_in = u.dtype
     ct = torch.float64 if torch.float64 in (u.dtype, delta.dtype, A.dtype) else torch.float32
+    tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
+    if ct == torch.float32 and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        out, last = _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        out = out.to(dtype_in)
+        return (out, last) if return_last_state else out
     u, delta, A = u.to(ct), delta.to(ct), A.to(ct).contiguous()
     if delta_bias is not None:
         delta = delta + delta_bias.to(ct)[:, None]
@@ -198,6 +233,14 @@ def _cpu_kernel_ok(u: torch.Tensor, A: torch.Tensor) -> bool:
     return u.device.type == "cpu" and A.shape[1] <= _MAX_STATE and load_library() is not None
 
 
+def _triton_fn():
+    try:
+        from smt.kernels.triton_scan import selective_scan_triton
+    except Exception:  # Triton not installed (CPU-only PyTorch builds ship without it)
+        return None
+    return selective_scan_triton
+
+
 def _mamba_ssm_fn():
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -208,7 +251,8 @@ def _mamba_ssm_fn():
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, impl: ScanImpl = "auto"):
-    """Dispatch: ``"auto"`` = mamba_ssm on CUDA when importable, the C kernel on CPU, else the reference."""
+    """Dispatch: ``"auto"`` = on CUDA mamba_ssm when importable, else our Triton kernel; on CPU the C kernel;
+    else the reference. ``"triton"`` forces the Triton kernel (CPU tensors need ``TRITON_INTERPRET=1``)."""
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if impl == "reference":
         return selective_scan_ref(*args)
@@ -218,10 +262,15 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         if load_library() is None:
             raise RuntimeError(f"the CPU selective-scan kernel is unavailable: {build_error()}")
         return selective_scan_cpu(*args)
+    if impl == "triton":
+        fn = _triton_fn()
+        if fn is None:
+            raise RuntimeError("selective scan impl 'triton': Triton is not installed")
+        return fn(*args)
     if impl != "auto":
-        raise ValueError(f"unknown selective scan impl {impl!r} (valid: 'auto', 'reference', 'cpu')")
+        raise ValueError(f"unknown selective scan impl {impl!r} (valid: 'auto', 'reference', 'cpu', 'triton')")
     if u.is_cuda:
-        fn = _mamba_ssm_fn()
+        fn = _mamba_ssm_fn() or _triton_fn()
         if fn is not None:
             return fn(*args)
         return selective_scan_ref(*args)

@@ -230,10 +230,9 @@ class HAT(SRHeads):
                  drop_path_rate: float = 0.1, norm_layer: type[nn.Module] = nn.LayerNorm, ape: bool = False,
                  patch_norm: bool = True, use_checkpoint: bool = False, upscale: int = 2, img_range: float = 1.0,
                  upsampler: str = "", resi_connection: str = "1conv", *, aux_scales: Sequence[int] = (),
-                 attn_impl: AttentionImpl = "sdpa") -> None:
+                 attn_impl: AttentionImpl = "sdpa", num_feat: int = 64) -> None:
         super().__init__()
         self._check_args(upsampler, patch_size, depths, num_heads, upscale, aux_scales)
-        num_feat = 64
         self.window_size, self.shift_size = window_size, window_size // 2
         self.overlap_ratio, self.img_range, self.upscale, self.upsampler = overlap_ratio, img_range, upscale, upsampler
         self.attn_impl: AttentionImpl = attn_impl

@@ -256,12 +256,11 @@ class MambaIRv2(SRHeads):
                  ape: bool = False, patch_norm: bool = True, use_checkpoint: bool = False, upscale: int = 2,
                  img_range: float = 1.0, upsampler: str = "", resi_connection: str = "1conv", *,
                  aux_scales: Sequence[int] = (), routing: Routing = "gumbel", attn_impl: AttentionImpl = "sdpa",
-                 scan_impl: ScanImpl = "auto") -> None:
+                 scan_impl: ScanImpl = "auto", num_feat: int = 64) -> None:
         super().__init__()
         self._check_args(upsampler, patch_size, depths, num_heads, upscale, aux_scales)
         if routing not in ("gumbel", "argmax"):
             raise ValueError(f"MambaIRv2: routing must be 'gumbel' or 'argmax', got {routing!r}")
-        num_feat = 64
         self.window_size, self.img_range, self.upscale, self.upsampler = window_size, img_range, upscale, upsampler
         self.aux_scales = tuple(aux_scales)
         self.routing: Routing = routing

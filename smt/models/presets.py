@@ -29,9 +29,10 @@ PRESETS: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType({
     "mambairv2_s": ("mambairv2", {**_MAMBA, "embed_dim": 132, "depths": (4,) * 6, "num_heads": (4,) * 6}),
     # demo variants: window 8, two groups of two blocks
     "hat_tiny": ("hat", {**_HAT, "img_size": 32, "window_size": 8, "embed_dim": 32, "depths": (2, 2),
-                         "num_heads": (2, 2), "squeeze_factor": 8, "drop_path_rate": 0.0}),
+                         "num_heads": (2, 2), "squeeze_factor": 8, "drop_path_rate": 0.0, "num_feat": 32}),
     "mambairv2_tiny": ("mambairv2", {**_MAMBA, "img_size": 32, "window_size": 8, "embed_dim": 32, "d_state": 8,
-                                     "depths": (2, 2), "num_heads": (2, 2), "inner_rank": 16, "num_tokens": 16}),
+                                     "depths": (2, 2), "num_heads": (2, 2), "inner_rank": 16, "num_tokens": 16,
+                                     "num_feat": 32}),
 })
 
 

@@ -67,16 +67,22 @@ def save_crop_grid(path: str | Path, rows: list[tuple[str, Mapping[str, np.ndarr
     save_figure(fig, path)
 
 
-def save_thumbnails(root: str | Path, manifests: Mapping, path: str | Path, size: int = 160) -> Path:
-    """A grid of every HR image of every split (titled ``split/id source WxH``)."""
-    entries = [(split, row) for split, df in manifests.items() for row in df.itertuples()]
+def save_thumbnails(root: str | Path, manifests: Mapping, path: str | Path, size: int = 160,
+                    per_split: int = 12) -> Path:
+    """A grid of the first ``per_split`` images of every split (HR, or LR where a split has no HR), titled
+    ``split/id source WxH``."""
+    entries = [(split, row) for split, df in manifests.items() for row in df.head(per_split).itertuples()]
     cols = min(6, max(1, len(entries)))
     nrows = -(-len(entries) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(1.9 * cols, 2.1 * nrows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, (split, row) in zip(axes.ravel(), entries):
-        show_thumbnail(ax, Path(root) / row.hr_path, f"{split}/{row.id} {row.source}\n{row.hr_width}x{row.hr_height}",
-                       size)
+        if row.hr_path:
+            show_thumbnail(ax, Path(root) / row.hr_path,
+                           f"{split}/{row.id} {row.source}\n{row.hr_width}x{row.hr_height}", size)
+        else:
+            show_thumbnail(ax, Path(root) / row.lr_path,
+                           f"{split}/{row.id} {row.source}\nLR {row.lr_width}x{row.lr_height} (no HR)", size)
     fig.tight_layout()
     return save_figure(fig, path)

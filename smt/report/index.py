@@ -14,7 +14,13 @@ STAGE_TITLES = {
     "select": "CLIP selection of the fine-tuning images",
     "infer": "Inference: ensembles, fusion weight, cost per image",
     "report": "Evaluation: PSNR/SSIM of every method on the validation images",
+    "ablation_loss": "Ablation 1: multi-scale loss vs x4-only loss (seeds)",
+    "ablation_subset": "Ablation 2: fine-tuning on CLIP-selected vs random images (seeds)",
+    "ablation_ensemble": "Ablation 3: each inference switch, accuracy vs compute (Pareto front)",
+    "ablation_fusion": "Ablation 4: PSNR-Y against the fusion weight, validation vs test",
+    "experiments": "DVC experiments of the ablation stages",
 }
+ABLATIONS = ("ablation_loss", "ablation_subset", "ablation_ensemble", "ablation_fusion")
 
 
 def _title(stage: str) -> str:
@@ -49,11 +55,17 @@ def write_index(reports_dir: str | Path, metrics: Mapping, protocol: str, data_n
     found.setdefault(writing_stage, reports_dir / writing_stage / f"{writing_stage}.html")
     trains = sorted(s for s in found if s.startswith("train_"))
     order = [s for s in ("data", "select") if s in found] + trains + [s for s in ("infer", "report") if s in found]
-    order += sorted(set(found) - set(order))
+    order += sorted(set(found) - set(order) - set(ABLATIONS))
     links = "".join(
         f'<li><a href="{html.escape(found[s].relative_to(reports_dir).as_posix())}">'
         f"{html.escape(_title(s))}</a></li>"
         for s in order
+    )
+    # ablations run on demand; their links are written even before they exist (relative, so they work after)
+    ablation_links = "".join(
+        f'<li><a href="{s}/{s}.html">{html.escape(_title(s))}</a>'
+        + ("" if s in found else f" <small>(not run yet: <code>dvc repro {s}</code>)</small>") + "</li>"
+        for s in ABLATIONS
     )
     tables = "".join(
         f"<h2>{html.escape(split)} images ({metrics.get('num_images', {}).get(split, '?')})</h2>{_table(summary)}"
@@ -75,6 +87,7 @@ fused: the two models' most complete configurations mixed with the weight fit on
 Time and memory: this machine, in this run.</p>
 {tables}
 <h2>Stage reports</h2><ul>{links}</ul>
+<h2>Ablations</h2><ul>{ablation_links}</ul>
 <p><small>Raw numbers: <code>metrics.json</code>; per-image scores: <code>report/per_image.csv</code>.</small></p>
 </body></html>
 """

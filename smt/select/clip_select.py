@@ -181,8 +181,9 @@ def run_selection(cfg: SelectConfig, data_root: str | Path, out_dir: str | Path)
     pool_emb, n_pool = embed_images([root / p for p in pool["hr_path"]], encoder, Path(cfg.cache_dir), cfg.crops)
     target_paths = [root / p for s in cfg.target_splits for p in read_manifest(root, s)["lr_path"]]
     target_emb, n_target = embed_images(target_paths, encoder, Path(cfg.cache_dir), cfg.crops)
-    table = rank_pool(pool_emb, target_emb, pool["source"].tolist(), cfg.top_k, cfg.dedup_threshold,
-                      cfg.per_source_cap)
+    # the per-source cap counts data sets: provenance "LSDIR_train:0000001.png@0,0" belongs to "LSDIR_train"
+    datasets = [s.split(":")[0] for s in pool["source"]]
+    table = rank_pool(pool_emb, target_emb, datasets, cfg.top_k, cfg.dedup_threshold, cfg.per_source_cap)
     table.insert(0, "id", pool["id"].to_numpy()[table["index"].to_numpy()])
     table = table.drop(columns="index")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -24,16 +24,23 @@ __all__ = ["EMA", "atomic_save", "rng_state", "set_rng_state", "save_safetensors
 class EMA:
     """Exponential moving average of a model's parameters (buffers are copied)."""
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False) -> None:
         self.decay = decay
+        self.warmup = warmup
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 
+    def decay_at(self, step: int) -> float:
+        """Decay used for the update after ``step`` optimizer steps (0-based). With warm-up the average
+        forgets its starting weights quickly in short runs: min(decay, (1 + step) / (10 + step))."""
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int = 0) -> None:
+        decay = self.decay_at(step)
         for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1.0 - self.decay)
+            e.lerp_(p.detach(), 1.0 - decay)
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
 

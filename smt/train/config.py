@@ -44,10 +44,12 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nproc: int = 1  # processes per node; > 1 launches the stage under torchrun
+    nnodes: int = 1  # machines; > 1 needs MASTER_ADDR/MASTER_PORT/NODE_RANK set on each (README runbook)
     num_workers: int = 0
     threads: int = 0  # torch intra-op threads per process (0 = torch's default)
     betas: tuple[float, float] = (0.9, 0.99)
     ema_decay: float = 0.999
+    ema_warmup: bool = False  # ramp the EMA decay up from 0.1 (short runs); off = BasicSR's constant decay
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     bf16: bool = True  # autocast on CUDA only
     aux_scales: tuple[int, ...] = (2, 3)
@@ -71,8 +73,8 @@ class TrainConfig:
             raise ConfigError(f"train.rounds: must be >= 1, got {self.rounds}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay: must be in [0, 1), got {self.ema_decay}")
-        if self.nproc < 1:
-            raise ConfigError(f"train.nproc: must be >= 1, got {self.nproc}")
+        if self.nproc < 1 or self.nnodes < 1:
+            raise ConfigError(f"train.nproc and train.nnodes: must be >= 1, got {self.nproc}, {self.nnodes}")
 
     def schedule(self) -> list[tuple[int, str]]:
         """(round, stage) in training order."""

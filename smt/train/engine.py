@@ -14,18 +14,17 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from smt.data.dataset_builder import read_manifest
+from smt.distributed import barrier, device_for, dist_info, init_process_group
 from smt.data.images import read_image
 from smt.evaluate import bicubic_upscale
 from smt.metrics import NTIRE2025, evaluate_pair
@@ -63,18 +62,11 @@ def tensor_to_uint8(x: torch.Tensor):
     return (x.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-def _dist_info() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    return rank, world
-
-
 def _device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise TrainingError("train.device is 'cuda' but no CUDA device is available")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    try:
+        return device_for(cfg.device)
+    except RuntimeError as exc:
+        raise TrainingError(f"train.device: {exc}") from None
 
 
 def _lr_at(stage_lr: float, milestones: tuple[int, ...], gamma: float, step: int) -> float:
@@ -128,10 +120,9 @@ def train_stage(cfg: TrainConfig, model_name: str, round_: int, stage: str, data
                 max_steps: int | None = None, log=print) -> StageResult:
     """Train one stage (resuming from ``state.pt`` when present and matching). ``max_steps`` stops early
     (for tests of kill-and-resume); the state is saved at that point."""
-    rank, world = _dist_info()
+    rank, world = dist_info()
     device = _device(cfg)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    init_process_group(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     spec, mspec = cfg.stages[stage], cfg.models[model_name]
@@ -141,7 +132,7 @@ def train_stage(cfg: TrainConfig, model_name: str, round_: int, stage: str, data
     # what must match for a saved state to be resumed (JSON-normalised: tuples become lists)
     fingerprint = json.loads(json.dumps({
         "arch": arch, "kwargs": kwargs, "stage": asdict(spec), "seed": cfg.seed, "world": world,
-        "ema_decay": cfg.ema_decay, "betas": cfg.betas, "grad_clip": cfg.grad_clip,
+        "ema_decay": cfg.ema_decay, "ema_warmup": cfg.ema_warmup, "betas": cfg.betas, "grad_clip": cfg.grad_clip,
         "aux_weights": cfg.aux_weights, "data_root": data_root}))
 
     torch.manual_seed(cfg.seed + 1000 * round_ + rank)
@@ -165,7 +156,7 @@ def train_stage(cfg: TrainConfig, model_name: str, round_: int, stage: str, data
             log(report.describe())
         else:
             log(f"{model_name}: training from scratch")
-    ema = EMA(model, cfg.ema_decay)
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, betas=tuple(cfg.betas))
     step, seconds_before = 0, 0.0
     if state is not None:
@@ -227,7 +218,7 @@ def train_stage(cfg: TrainConfig, model_name: str, round_: int, stage: str, data
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        ema.update(model)
+        ema.update(model, step)
         step += 1
         bar.update(1)
         if rank == 0 and (step % cfg.log_every == 0 or step == spec.iters):
@@ -249,8 +240,7 @@ def train_stage(cfg: TrainConfig, model_name: str, round_: int, stage: str, data
         (out / "metrics.json").write_text(json.dumps(
             {"val_psnr_y": v["psnr_y"], "bicubic_psnr_y": v["bicubic_psnr_y"], "steps": step,
              "train_seconds": seconds}, indent=2) + "\n")
-    if world > 1:
-        dist.barrier()
+    barrier()
     return StageResult(model_name, cfg.run_name(round_, stage), step, seconds, v["psnr_y"], v["bicubic_psnr_y"],
                        str(out))
 

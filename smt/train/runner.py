@@ -2,9 +2,6 @@
 its report (loss curves, validation PSNR against bicubic, visual crops)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import torch  # noqa: E402
 from smt.config import DataConfig, load_section  # noqa: E402
 from smt.data.dataset_builder import read_manifest  # noqa: E402
 from smt.data.images import read_image  # noqa: E402
+from smt.distributed import torchrun  # noqa: E402
 from smt.evaluate import bicubic_upscale  # noqa: E402
 from smt.models import build_model, load_weights  # noqa: E402
 from smt.report.figures import save_crop_grid, save_figure  # noqa: E402
@@ -32,12 +30,10 @@ def run_training_stage(params_path: str, model: str, round_: int, stage: str) ->
     cfg: TrainConfig = load_section("train", params_path)
     if model not in cfg.models:
         raise KeyError(f"unknown model {model!r} (train.models has: {', '.join(cfg.models)})")
-    if cfg.nproc == 1:
+    if cfg.nproc == 1 and cfg.nnodes == 1:
         return train_stage(cfg, model, round_, stage, data_cfg.root, data_cfg.scale)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.nproc}",
-           *(["--standalone"] if "MASTER_ADDR" not in os.environ else []),
-           "-m", "smt", "train", "--params", params_path, "--model", model, "--round", str(round_), "--stage", stage]
-    subprocess.run(cmd, check=True)
+    torchrun(cfg.nproc, ["train", "--params", params_path, "--model", model, "--round", str(round_),
+                         "--stage", stage], cfg.nnodes)
     metrics = run_dir(cfg, model, round_, stage) / "metrics.json"
     return pd.read_json(metrics, typ="series").to_dict()
 

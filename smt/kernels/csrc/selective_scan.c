@@ -13,8 +13,10 @@
  * in one group (G == 1, or D/G a multiple of W) B and C are broadcast scalars; otherwise each lane reads its
  * own group's values (slower, same results). The backward recomputes a block's states into a buffer of
  * L * N * W values and accumulates dA, dB, dC into per-call buffers that the caller sums, so no two threads
- * write the same element. The D skip term, softplus, delta_bias and the z gate are applied by
- * the caller in PyTorch. Built at first use by smt/kernels/cpu_build.py.
+ * write the same element. For training, the D skip term, softplus, delta_bias and the z gate are applied by
+ * the caller in PyTorch (autograd handles them); scan_fwd_fused_f32, the inference forward, does them all
+ * in the same pass and reads and writes mamba's (batch, D, L) layout directly. Built at first use by
+ * smt/kernels/cpu_build.py.
  *
  * float32 is written with GCC/Clang vector extensions (portable; one vector = the W lanes) and its own exp;
  * float64 (used for exact checks against the reference) is the same algorithm in plain scalar loops.
@@ -112,6 +114,7 @@ typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
 static inline v8 vsel(v8i m, v8 a, v8 b) { return (v8)((m & (v8i)a) | (~m & (v8i)b)); }
+static inline v8 vsplat(float x) { return (v8){0} + x; }
 
 /* exp of 8 floats: Cody-Waite reduction x = k*ln2 + r (|r| <= ln2/2), degree-7 Taylor polynomial, 2^k
  * written into the exponent bits. Max relative error 8e-8 (measured against double exp). Inputs are
@@ -212,6 +215,97 @@ void scan_fwd_f32(const float *u, const float *dt, const float *A, const float *
                     acc += vgather(C, off, l * N + n) * h[n];
                 }
             vstore(y + o, acc, nw);
+        }
+        if (last)
+            for (long n = 0; n < N; ++n) {
+                float t[W];
+                __builtin_memcpy(t, &h[n], sizeof t);
+                for (long j = 0; j < nw; ++j) last[(b * D + d0 + j) * N + n] = t[j];
+            }
+    }
+}
+
+/* log of 8 floats >= 1 (finite): m = 2^k * f with f in [sqrt(1/2), sqrt(2)), log f = 2 atanh(s),
+ * s = (f - 1) / (f + 1), |s| <= 0.172, by its series to s^11 (truncation < 1e-10 relative). */
+static inline v8 vlog_ge1(v8 m) {
+    v8i bits = (v8i)m;
+    v8i k = ((bits >> 23) & 0xff) - 127;
+    v8 f = (v8)((bits & 0x007fffff) | 0x3f800000);  /* mantissa in [1, 2) */
+    v8i big = f > 1.41421356f;
+    f = vsel(big, f * 0.5f, f);
+    k = k + (big & 1);
+    v8 s = (f - 1.0f) / (f + 1.0f), z = s * s;
+    v8 p = z * (1.0f / 11.0f) + 1.0f / 9.0f;
+    p = p * z + 1.0f / 7.0f;
+    p = p * z + 1.0f / 5.0f;
+    p = p * z + 1.0f / 3.0f;
+    p = p * z + 1.0f;
+    v8 kf = __builtin_convertvector(k, v8);
+    return kf * 0.693145751953125f + (2.0f * s * p + kf * 1.428606765330187045e-06f);
+}
+
+/* softplus as torch computes it (beta 1, threshold 20): x > 20 ? x : log1p(exp(x)). log1p(e) is taken as
+ * log(1 + e) - ((1 + e) - 1 - e) / (1 + e), which restores the bits lost in rounding 1 + e; tiny e uses
+ * e - e^2/2 + e^3/3 directly. */
+static inline v8 vsoftplus(v8 x) {
+    v8 e = vexp(vsel(x > 20.0f, vsplat(20.0f), x));
+    v8 m = e + 1.0f;
+    v8 big = vlog_ge1(m) - ((m - 1.0f) - e) / m;
+    v8 small = e * (1.0f - e * (0.5f - e * (1.0f / 3.0f)));
+    v8 r = vsel(e < 1e-3f, small, big);
+    return vsel(x > 20.0f, x, r);
+}
+
+static inline void vstore_strided(float *p, long stride, v8 v, long nw) {
+    if (stride == 1) {
+        vstore(p, v, nw);
+        return;
+    }
+    float t[W];
+    __builtin_memcpy(t, &v, sizeof v);
+    for (long j = 0; j < nw; ++j) p[j * stride] = t[j];
+}
+
+/* Inference forward with everything element-wise fused:
+ *   dt = softplus(delta + bias) (each optional);  y = (scan(u, dt) + Dskip * u) * silu(z)  (each optional).
+ * u, delta, z share strides (sb, sl, sd); y has its own (yb, yl, yd): both may be mamba's (batch, D, L).
+ * bias, Dskip, z may be NULL. */
+void scan_fwd_fused_f32(const float *u, const float *delta, const float *bias, int softplus, const float *A,
+                        const float *B, const float *C, const float *Dskip, const float *z, float *y, float *last,
+                        long batch, long D, long N, long L, long G, long sb, long sl, long sd,
+                        long yb, long yl, long yd, long job_begin, long job_end) {
+    long nblk = (D + W - 1) / W, per_group = D / G;
+    for (long job = job_begin; job < job_end; ++job) {
+        long b = job / nblk, d0 = (job % nblk) * W, nw = D - d0 < W ? D - d0 : W, off[W];
+        int shared = lane_offsets(b, d0, nw, G, per_group, L, N, off);
+        const float *Bg = B + off[0], *Cg = C + off[0];
+        v8 a[MAXN], h[MAXN];
+        v8 biasv = bias ? vload(bias + d0, 1, nw) : (v8){0};
+        v8 dv = Dskip ? vload(Dskip + d0, 1, nw) : (v8){0};
+        load_a(A, d0, nw, N, a);
+        for (long n = 0; n < N; ++n) h[n] = (v8){0};
+        for (long l = 0; l < L; ++l) {
+            long soff = b * sb + l * sl + d0 * sd;
+            v8 uv = vload(u + soff, sd, nw), dtv = vload(delta + soff, sd, nw) + biasv, acc = {0};
+            if (softplus) dtv = vsoftplus(dtv);
+            v8 xv = dtv * uv;
+            const float *Bl = Bg + l * N, *Cl = Cg + l * N;
+            if (shared)
+                for (long n = 0; n < N; ++n) {
+                    h[n] = vexp(dtv * a[n]) * h[n] + xv * Bl[n];
+                    acc += Cl[n] * h[n];
+                }
+            else
+                for (long n = 0; n < N; ++n) {
+                    h[n] = vexp(dtv * a[n]) * h[n] + xv * vgather(B, off, l * N + n);
+                    acc += vgather(C, off, l * N + n) * h[n];
+                }
+            acc += dv * uv;
+            if (z) {
+                v8 zv = vload(z + soff, sd, nw);
+                acc *= zv / (1.0f + vexp(0.0f - zv));
+            }
+            vstore_strided(y + b * yb + l * yl + d0 * yd, yd, acc, nw);
         }
         if (last)
             for (long n = 0; n < N; ++n) {

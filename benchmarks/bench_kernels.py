@@ -3,6 +3,10 @@
     python benchmarks/bench_kernels.py            # scan and fp32 model cases (~5 minutes on 2 cores)
     python benchmarks/bench_kernels.py --quick    # smaller L
     python benchmarks/bench_kernels.py --bf16     # also bf16 autocast vs fp32 (slow on CPUs without bf16 units)
+    python benchmarks/bench_kernels.py --bf16-psnr   # PSNR-Y of the trained demo models, bf16 vs fp32
+
+With CUDA the scan is also measured on the GPU: the reference loop against the dispatcher's choice (mamba_ssm
+when installed, else our Triton kernel) and against Triton explicitly.
 
 Each case runs in a fresh subprocess so its peak memory (``ru_maxrss`` growth over the post-import baseline)
 is its own. Times are the median of repeats after one warm-up. Printed ratios compare cases run in this
@@ -46,13 +50,14 @@ def run_case(case: str, repeats: int) -> dict:
     kind, *rest = case.split(":")
     if kind == "scan":
         impl, mode, length = rest[0], rest[1], int(rest[2])
+        device = rest[3] if len(rest) > 3 else "cpu"
         dim, nstate = 348, 16
         u = torch.randn(1, dim, length)
         delta = torch.randn(1, dim, length) * 0.5
         A = -torch.exp(torch.randn(dim, nstate))
         B, C = torch.randn(1, 1, nstate, length), torch.randn(1, 1, nstate, length)
         D, bias = torch.randn(dim), torch.randn(dim) * 0.5
-        leaves = [u, delta, A, B, C, D, bias]
+        leaves = [t.to(device) for t in (u, delta, A, B, C, D, bias)]
         if mode == "fwdbwd":
             leaves = [t.requires_grad_(True) for t in leaves]
 
@@ -60,6 +65,8 @@ def run_case(case: str, repeats: int) -> dict:
             y = selective_scan(*leaves[:6], None, leaves[6], True, impl=impl)
             if mode == "fwdbwd":
                 y.sum().backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
 
         sec = _timeit(step, repeats)
     elif kind == "model":
@@ -78,7 +85,40 @@ def run_case(case: str, repeats: int) -> dict:
         sec = _timeit(step, repeats)
     else:
         raise ValueError(case)
-    return {"case": case, "seconds": sec, "peak_mb": _rss_mb() - base}
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and case.endswith(":cuda")
+            else _rss_mb() - base)
+    return {"case": case, "seconds": sec, "peak_mb": peak}
+
+
+def bf16_psnr(params_path: str = "params.yaml") -> None:
+    """Validation PSNR-Y of each trained demo model in fp32 and bf16 (whole images, NTIRE2025 protocol)."""
+    import torch
+
+    from smt.config import load_section
+    from smt.infer.precision import with_precision
+    from smt.train.runner import load_trained
+    from smt.data.dataset_builder import read_manifest
+    from smt.data.images import read_image
+    from smt.infer.tiling import tiled_forward
+    from smt.metrics import NTIRE2025, evaluate_pair
+
+    cfg, data = load_section("train", params_path), load_section("data", params_path)
+    last = cfg.schedule()[-1]
+    for m in cfg.models:
+        net = load_trained(cfg, m, *last, **({"routing": "argmax"} if "mamba" in m else {}))
+        scores, secs = {"fp32": [], "bf16": []}, {"fp32": 0.0, "bf16": 0.0}
+        for row in read_manifest(data.root, "valid").itertuples():
+            lr, hr = read_image(f"{data.root}/{row.lr_path}"), read_image(f"{data.root}/{row.hr_path}")
+            x = torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255
+            for p in scores:
+                t = time.perf_counter()
+                y = tiled_forward(with_precision(net, p), x, data.scale, 0, 0)
+                secs[p] += time.perf_counter() - t
+                sr = (y[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+                scores[p].append(evaluate_pair(sr, hr, NTIRE2025)["psnr_y"])
+        f32, b16 = (sum(v) / len(v) for v in scores.values())
+        print(f"{m}: PSNR-Y fp32 {f32:.4f} dB, bf16 {b16:.4f} dB, |diff| {abs(f32 - b16):.4f} dB; "
+              f"time fp32 {secs['fp32']:.1f} s, bf16 {secs['bf16']:.1f} s", flush=True)
 
 
 def main() -> None:
@@ -87,7 +127,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--bf16-psnr", action="store_true")
     args = parser.parse_args()
+    if args.bf16_psnr:
+        bf16_psnr()
+        return
     if args.case:
         print(json.dumps(run_case(args.case, args.repeats)))
         return
@@ -96,14 +140,22 @@ def main() -> None:
     for length in lengths:
         pairs.append((f"scan fwd  L={length}", f"scan:reference:fwd:{length}", f"scan:cpu:fwd:{length}"))
     pairs.append(("scan fwd+bwd L=1024", "scan:reference:fwdbwd:1024", "scan:cpu:fwdbwd:1024"))
+    import torch
+
+    if torch.cuda.is_available():
+        for length in lengths:
+            pairs.append((f"GPU scan fwd L={length} (auto)", f"scan:reference:fwd:{length}:cuda",
+                          f"scan:auto:fwd:{length}:cuda"))
+            pairs.append((f"GPU scan fwd L={length} (triton)", f"scan:reference:fwd:{length}:cuda",
+                          f"scan:triton:fwd:{length}:cuda"))
+        pairs.append(("GPU scan fwd+bwd L=1024 (triton)", "scan:reference:fwdbwd:1024:cuda",
+                      "scan:triton:fwdbwd:1024:cuda"))
     for name in ("hat_l", "mambairv2_l"):
         pairs.append((f"{name} fwd 64x64 fp32", f"model:{name}:plain", f"model:{name}:fast"))
         if args.bf16:
             pairs.append((f"{name} fwd 64x64 bf16 vs fp32", f"model:{name}:fast", f"model:{name}:bf16"))
     results = {}
     import platform
-
-    import torch
 
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")

@@ -216,6 +216,14 @@ def test_repo_train_params_and_pipeline_are_consistent(tmp_path):
     assert cfg.schedule()[0] == (1, "s1") and cfg.previous(1, "s2") == (1, "s1")
     out = write_dvc_yaml(REPO / "params.yaml", tmp_path / "dvc.yaml")
     assert out.read_text() == (REPO / "dvc.yaml").read_text(), "dvc.yaml is stale: run `python -m smt pipeline`"
+    # DVC refuses a stage whose params are not all present in params.yaml
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name, stage in yaml.safe_load(out.read_text())["stages"].items():
+        for key in stage.get("params", []):
+            node = params
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"stage {name}: param {key} is not in params.yaml"
+                node = node[part]
     json.dumps(cfg.__dict__, default=str)
 
 

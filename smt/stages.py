@@ -1,8 +1,9 @@
 """Run a pipeline stage: execute its notebook with papermill and export the result to HTML.
 
 Each stage ``S`` runs its notebook (:func:`smt.pipeline.stage_notebooks`) with an explicit kernel
-(``python3``) and the parameters ``params_path`` plus the stage's own (model, round, stage for training); the executed notebook and a self-contained HTML export (no code cells, no CDN scripts) are
-written to ``reports/S/``. A failing cell raises, and ``python -m smt stage S`` exits non-zero, so DVC stops.
+(``python3``) and the parameters ``params_path`` plus the stage's own (model, round, stage for training); the
+executed notebook and a self-contained HTML export (no code cells, no stderr, no CDN scripts) are written to
+``reports/S/``. A failing cell raises, and ``python -m smt stage S`` exits non-zero, so DVC stops.
 """
 from __future__ import annotations
 
@@ -37,7 +38,12 @@ def export_html(notebook: Path, html_path: Path) -> None:
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     exporter.mathjax_url = ""
     exporter.require_js_url = ""
-    body, _ = exporter.from_notebook_node(nbformat.read(notebook, as_version=4))
+    nb = nbformat.read(notebook, as_version=4)
+    # stderr (progress bars, warnings) stays in the executed notebook beside the page, out of the report
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
+    body, _ = exporter.from_notebook_node(nb)
     html_path.write_text(body)
 
 

@@ -49,3 +49,19 @@ def test_stage_parameters_exist_in_the_notebook(path):
     for nb_path, extra in STAGES.values():
         if REPO / nb_path == path:
             assert {"params_path", *extra} <= declared
+
+
+def test_html_export_keeps_results_and_drops_stderr(tmp_path):
+    import nbformat
+
+    from smt.stages import export_html
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("print('x')")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="RESULT-LINE\n"),
+                    nbformat.v4.new_output("stream", name="stderr", text="train 40%|####  | 4/10 [00:01<00:01]\n")]
+    nb.cells = [nbformat.v4.new_markdown_cell("# Title"), cell]
+    nbformat.write(nb, tmp_path / "n.ipynb")
+    export_html(tmp_path / "n.ipynb", tmp_path / "n.html")
+    page = (tmp_path / "n.html").read_text()
+    assert "RESULT-LINE" in page and "Title" in page and "4/10" not in page and "print(" not in page

@@ -71,9 +71,11 @@ def ensemble_report(summary: pd.DataFrame, out_dir: str | Path, metrics_path: st
     base = singles.loc[singles.psnr_y.idxmax()]
     text = (f"The best configuration is {best.config} ({best.psnr_y:.3f} dB, {best.work:.0f}x the work of one plain "
             f"forward), {best.psnr_y - base.psnr_y:+.3f} dB over the best single model alone ({base.config}); "
-            f"{cheap.config} comes within 0.01 dB of it at {cheap.work:.0f}x the work. Single run on "
-            f"{'the'} validation images: no seed spread for inference (it is deterministic), so small gaps "
-            f"reflect these few images only.")
+            + (f"{cheap.config} comes within 0.01 dB of it at {cheap.work:.0f}x the work. " if cheap.config != best.config
+               else "no cheaper configuration comes within 0.01 dB of it. ")
+            + f"Inference is deterministic "
+            f"(no seed spread); with few validation images, gaps of a few hundredths of a dB describe these "
+            f"images only.")
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.scatter(s.work, s.psnr_y, c=np.where(s.pareto, "C3", "C0"), s=22)
     front = s[s.pareto].sort_values("work")

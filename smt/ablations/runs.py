@@ -12,7 +12,9 @@ validation on whole images (``val_max_side = 0``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import time
 from pathlib import Path
 from typing import Callable
@@ -45,6 +47,12 @@ def _one_stage_cfg(cfg: TrainConfig, model: str, stage: str, out_root: Path, see
                                val_max_side=0, nproc=1, nnodes=1, **overrides)
 
 
+def _quiet_train(*args, **kwargs):
+    """train_stage without its progress bars: in a notebook they would bury the report under stderr lines."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        return train_stage(*args, **kwargs)
+
+
 def loss_ablation(ab: AblationConfig, cfg: TrainConfig, data: DataConfig, log: Callable[[str], None] = print,
                   ) -> pd.DataFrame:
     rows = []
@@ -53,7 +61,7 @@ def loss_ablation(ab: AblationConfig, cfg: TrainConfig, data: DataConfig, log: C
             run_cfg = _one_stage_cfg(cfg, ab.model, ab.loss_stage, Path(ab.out_root) / "loss" / f"{name}-seed{seed}",
                                      seed, ab.loss_iters, aux_scales=variant.aux_scales,
                                      aux_weights=variant.aux_weights)
-            r = train_stage(run_cfg, ab.model, 1, ab.loss_stage, data.root, data.scale, log=log)
+            r = _quiet_train(run_cfg, ab.model, 1, ab.loss_stage, data.root, data.scale, log=log)
             rows.append({"variant": name, "seed": seed, "aux_scales": list(variant.aux_scales),
                          "aux_weights": list(variant.aux_weights), "steps": r.steps, "train_seconds": r.seconds,
                          "psnr_y": r.val_psnr_y, "bicubic_psnr_y": r.bicubic_psnr_y})
@@ -95,7 +103,7 @@ def subset_ablation(ab: AblationConfig, cfg: TrainConfig, data: DataConfig, sele
         for name, subset in (("clip", str(selection_csv)), ("random", str(rnd))):
             run_cfg = _one_stage_cfg(cfg, ab.model, stage, out / f"{name}-seed{seed}", seed, iters,
                                      init=str(init), subset=subset)
-            r = train_stage(run_cfg, ab.model, 1, stage, data.root, data.scale, log=log)
+            r = _quiet_train(run_cfg, ab.model, 1, stage, data.root, data.scale, log=log)
             ids = pd.read_csv(subset, dtype={"id": str})["id"].tolist()
             rows.append({"variant": name, "seed": seed, "images": " ".join(ids), "steps": r.steps,
                          "train_seconds": r.seconds, "psnr_y": r.val_psnr_y, "bicubic_psnr_y": r.bicubic_psnr_y})

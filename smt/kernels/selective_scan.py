@@ -166,6 +166,15 @@ def _grouped(M: torch.Tensor, batch: int, dim: int, length: int, ct: torch.dtype
     return M.transpose(-1, -2).contiguous()
 
 
+def _bc_view(M: torch.Tensor, batch: int, dim: int, length: int) -> torch.Tensor:
+    """B or C as a float32 (batch, G, N, L) *view* (no copy for float32 inputs): (D, N) becomes G = D with
+    zero batch and length strides, (batch, N, L) becomes G = 1."""
+    M = M.float()
+    if M.dim() == 2:
+        return M[None, :, :, None].expand(batch, dim, M.shape[1], length)
+    return M[:, None] if M.dim() == 3 else M
+
+
 def _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     """Inference: one C pass does bias + softplus, the scan, the D skip and the z gate, in (b, D, L) layout."""
     lib = load_library()
@@ -174,7 +183,7 @@ def _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     if delta.stride() != u.stride() or (z is not None and z.stride() != u.stride()):  # one set of strides
         u, delta, z = u.contiguous(), delta.contiguous(), (z.contiguous() if z is not None else None)
     A = A.float().contiguous()
-    Bg, Cg = _grouped(B, batch, dim, length, torch.float32), _grouped(C, batch, dim, length, torch.float32)
+    Bg, Cg = _bc_view(B, batch, dim, length), _bc_view(C, batch, dim, length)
     if dim % Bg.shape[1] or Bg.shape[1] != Cg.shape[1]:
         raise ValueError(f"selective_scan: {dim} channels cannot be split into B's {Bg.shape[1]} and C's "
                          f"{Cg.shape[1]} groups")
@@ -185,7 +194,8 @@ def _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     ptr = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
     args = (u.data_ptr(), delta.data_ptr(), ptr(bias), int(bool(delta_softplus)), A.data_ptr(), Bg.data_ptr(),
             Cg.data_ptr(), ptr(Dv), ptr(z), y.data_ptr(), last.data_ptr(), batch, dim, A.shape[1], length,
-            Bg.shape[1], u.stride(0), u.stride(2), u.stride(1), y.stride(0), y.stride(2), y.stride(1))
+            Bg.shape[1], u.stride(0), u.stride(2), u.stride(1), y.stride(0), y.stride(2), y.stride(1),
+            *Bg.stride(), *Cg.stride())
     njobs = batch * -(-dim // lib.scan_block_width())
     _run_jobs(lambda a, b: lib.scan_fwd_fused_f32(*args, a, b), njobs, max(1, torch.get_num_threads()))
     return y, last

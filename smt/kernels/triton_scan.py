@@ -24,18 +24,24 @@ _CHUNK = 64
 
 
 @triton.jit
+def _channel_block(a_ptr, pid_d, D, N, G, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's channels d, states n, their masks, each channel's group and its rows of A."""
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    md = d < D
+    m2 = md[:, None] & (n < N)[None, :]
+    grp = d // (D // G)
+    a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=m2, other=0.0)
+    return d, n, md, m2, grp, a
+
+
+@triton.jit
 def _scan_fwd(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, y_ptr, last_ptr, hs_ptr,
               L, D, N, G, NCHUNK,
               CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    n = tl.arange(0, BLOCK_N)
-    md = d < D
-    mn = n < N
-    m2 = md[:, None] & mn[None, :]
-    grp = d // (D // G)
-    a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=m2, other=0.0)
+    d, n, md, m2, grp, a = _channel_block(a_ptr, pid_d, D, N, G, BLOCK_D, BLOCK_N)
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     for c in range(0, NCHUNK):
         tl.store(hs_ptr + ((pid_b * NCHUNK + c) * D + d[:, None]) * N + n[None, :], h, mask=m2)
@@ -59,13 +65,7 @@ def _scan_bwd(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, dy_ptr, hs_ptr, work_ptr,
               CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    n = tl.arange(0, BLOCK_N)
-    md = d < D
-    mn = n < N
-    m2 = md[:, None] & mn[None, :]
-    grp = d // (D // G)
-    a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=m2, other=0.0)
+    d, n, md, m2, grp, a = _channel_block(a_ptr, pid_d, D, N, G, BLOCK_D, BLOCK_N)
     tile = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + n[None, :]  # this program's scratch layout
     work = work_ptr + (pid_b * NBLOCK_D + pid_d) * (CHUNK + 1) * BLOCK_D * BLOCK_N
     g = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # dLoss/dh_t, carried backwards

@@ -22,7 +22,7 @@ from pathlib import Path
 __all__ = ["load_library", "SOURCE", "build_error"]
 
 SOURCE = Path(__file__).parent / "csrc" / "selective_scan.c"
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None

@@ -156,7 +156,7 @@ class _CpuScan(torch.autograd.Function):
         return du, ddt, dA.sum(0), dB.sum(0), dC.sum(0)
 
 
-def _grouped(M: torch.Tensor, batch: int, dim: int, length: int, ct: torch.dtype) -> torch.Tensor:
+def grouped_bc(M: torch.Tensor, batch: int, dim: int, length: int, ct: torch.dtype) -> torch.Tensor:
     """B or C as a contiguous (batch, G, L, N) tensor (time-invariant (D, N) becomes G = D)."""
     M = M.to(ct)
     if M.dim() == 2:
@@ -164,6 +164,13 @@ def _grouped(M: torch.Tensor, batch: int, dim: int, length: int, ct: torch.dtype
     if M.dim() == 3:
         M = M[:, None]
     return M.transpose(-1, -2).contiguous()
+
+
+def check_groups(dim: int, Bg: torch.Tensor, Cg: torch.Tensor) -> None:
+    """B and C (batch, G, ...) must have the same group count, and it must divide the channels."""
+    if dim % Bg.shape[1] or Bg.shape[1] != Cg.shape[1]:
+        raise ValueError(f"selective_scan: {dim} channels cannot be split into B's {Bg.shape[1]} and C's "
+                         f"{Cg.shape[1]} groups")
 
 
 def _bc_view(M: torch.Tensor, batch: int, dim: int, length: int) -> torch.Tensor:
@@ -184,9 +191,7 @@ def _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         u, delta, z = u.contiguous(), delta.contiguous(), (z.contiguous() if z is not None else None)
     A = A.float().contiguous()
     Bg, Cg = _bc_view(B, batch, dim, length), _bc_view(C, batch, dim, length)
-    if dim % Bg.shape[1] or Bg.shape[1] != Cg.shape[1]:
-        raise ValueError(f"selective_scan: {dim} channels cannot be split into B's {Bg.shape[1]} and C's "
-                         f"{Cg.shape[1]} groups")
+    check_groups(dim, Bg, Cg)
     bias = delta_bias.float().contiguous() if delta_bias is not None else None
     Dv = D.float().contiguous() if D is not None else None
     y = torch.empty(batch, dim, length)
@@ -220,10 +225,8 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     if delta_softplus:
         delta = F.softplus(delta)
     batch, dim, length = u.shape
-    Bg, Cg = _grouped(B, batch, dim, length, ct), _grouped(C, batch, dim, length, ct)
-    if dim % Bg.shape[1] or Bg.shape[1] != Cg.shape[1]:
-        raise ValueError(f"selective_scan: {dim} channels cannot be split into B's {Bg.shape[1]} and C's "
-                         f"{Cg.shape[1]} groups")
+    Bg, Cg = grouped_bc(B, batch, dim, length, ct), grouped_bc(C, batch, dim, length, ct)
+    check_groups(dim, Bg, Cg)
     u_t, dt_t = u.transpose(1, 2), delta.transpose(1, 2)  # (b, L, D) views; no copy
     if u_t.stride() != dt_t.stride():
         u_t, dt_t = u_t.contiguous(), dt_t.contiguous()

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from smt.kernels.selective_scan import check_groups, grouped_bc
+
 __all__ = ["selective_scan_triton"]
 
 _CHUNK = 64
@@ -147,16 +149,6 @@ class _TritonScan(torch.autograd.Function):
         return du, ddt, dA, dB, dC
 
 
-def _grouped(M: torch.Tensor, batch: int, dim: int, length: int) -> torch.Tensor:
-    """B or C as a contiguous fp32 (batch, G, L, N) tensor (time-invariant (D, N) becomes G = D)."""
-    M = M.float()
-    if M.dim() == 2:
-        return M[None, :, None, :].expand(batch, dim, length, M.shape[1]).contiguous()
-    if M.dim() == 3:
-        M = M[:, None]
-    return M.transpose(-1, -2).contiguous()
-
-
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           return_last_state=False):
     """Same semantics as :func:`smt.kernels.selective_scan.selective_scan_ref`; computes in float32."""
@@ -167,10 +159,8 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     if delta_softplus:
         delta = F.softplus(delta)
     batch, dim, length = u.shape
-    Bg, Cg = _grouped(B, batch, dim, length), _grouped(C, batch, dim, length)
-    if dim % Bg.shape[1] or Bg.shape[1] != Cg.shape[1]:
-        raise ValueError(f"selective_scan: {dim} channels cannot be split into B's {Bg.shape[1]} and C's "
-                         f"{Cg.shape[1]} groups")
+    Bg, Cg = grouped_bc(B, batch, dim, length, torch.float32), grouped_bc(C, batch, dim, length, torch.float32)
+    check_groups(dim, Bg, Cg)
     y, last = _TritonScan.apply(u32.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous(),
                                 A.float().contiguous(), Bg, Cg)
     out = y.transpose(1, 2)

@@ -18,7 +18,7 @@ from smt.metrics import BASICSR, NTIRE2025, Protocol, evaluate_pair
 __all__ = ["PROTOCOLS", "get_protocol", "bicubic_upscale", "image_id", "evaluate_folder", "summarize"]
 
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (NTIRE2025, BASICSR)}
-METRIC_COLUMNS = ["psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb"]
+METRIC_COLUMNS = ["psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "color_shift"]
 
 
 def get_protocol(name: str) -> Protocol:
@@ -71,5 +71,6 @@ def evaluate_folder(sr_dir: str | Path, hr_dir: str | Path, protocol: Protocol =
 
 
 def summarize(per_image: pd.DataFrame) -> dict[str, float]:
-    """The challenge's aggregate: the mean over images of each metric."""
-    return {c: float(per_image[c].mean()) for c in METRIC_COLUMNS}
+    """The challenge's aggregate: the mean over images of each metric; and the worst image's colour shift."""
+    return {**{c: float(per_image[c].mean()) for c in METRIC_COLUMNS},
+            "color_shift_max": float(per_image["color_shift"].max())}

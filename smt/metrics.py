@@ -6,6 +6,8 @@ each side, the Y channel of BT.601 YCbCr (studio range 16-235, float, not rounde
 PSNR and SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1=0.01, K2=0.03, valid region only) are
 computed on it in float64. ``BASICSR`` is the same without the modcrop (what BasicSR's validation reports).
 RGB PSNR/SSIM are the mean over the three channels' values (SSIM) or the MSE over all channels (PSNR).
+The colour shift is the largest over R, G and B of ``|mean(SR - HR)|`` in grey levels, on the same region: a
+global tint that PSNR-Y alone hides.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Protocol", "NTIRE2025", "BASICSR", "rgb_to_y", "psnr", "ssim", "evaluate_pair", "prepare_pair"]
+__all__ = ["Protocol", "NTIRE2025", "BASICSR", "rgb_to_y", "psnr", "ssim", "evaluate_pair", "prepare_pair",
+           "color_shift"]
 
 
 @dataclass(frozen=True)
@@ -110,8 +113,16 @@ def prepare_pair(sr: np.ndarray, hr: np.ndarray, protocol: Protocol = NTIRE2025)
     return sr, hr
 
 
+def color_shift(a: np.ndarray, b: np.ndarray) -> float:
+    """The largest over channels of ``|mean(a - b)|`` for two ``HxWxC`` images (grey levels of their scale)."""
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(f"color_shift needs two HxWxC images of one size, got {a.shape} and {b.shape}")
+    diff = a.astype(np.float64).mean(axis=(0, 1)) - b.astype(np.float64).mean(axis=(0, 1))
+    return float(np.abs(diff).max())
+
+
 def evaluate_pair(sr: np.ndarray, hr: np.ndarray, protocol: Protocol = NTIRE2025) -> dict[str, float]:
-    """PSNR-Y, SSIM-Y, PSNR-RGB and SSIM-RGB of one pair under ``protocol``."""
+    """PSNR-Y, SSIM-Y, PSNR-RGB, SSIM-RGB and colour shift of one pair under ``protocol``."""
     sr_c, hr_c = prepare_pair(sr, hr, protocol)
     sr_y, hr_y = rgb_to_y(sr_c), rgb_to_y(hr_c)
     return {
@@ -119,4 +130,5 @@ def evaluate_pair(sr: np.ndarray, hr: np.ndarray, protocol: Protocol = NTIRE2025
         "ssim_y": ssim(sr_y, hr_y),
         "psnr_rgb": psnr(sr_c, hr_c),
         "ssim_rgb": ssim(sr_c, hr_c),
+        "color_shift": color_shift(sr_c, hr_c),
     }

@@ -70,6 +70,8 @@ def test_profiles_parse_and_demo_profile_is_the_committed_params(tmp_path):
         "mambairv2_l"
     assert [(s.patch_size, s.batch_size, s.loss, s.lr, s.iters) for s in ntire.stages.values()] == [
         (64, 64, "l1", 1e-4, 250_000), (128, 16, "mse", 1e-5, 250_000), (128, 16, "mse", 1e-5, 100_000)]
+    # the paper's augmentation (flips and rotations); the colour measures are the demo's only
+    assert ntire.augment.dihedral and not ntire.augment.channel_permute and ntire.augment.color_prob == 0.0
     infer = load_section("infer", profiles["ntire2025"])
     assert infer.window_tiles == (100, 200, 300, 400, 500) and infer.window_weights == (1.0, 1.0, 1.2, 0.8, 0.8)
 

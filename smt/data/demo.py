@@ -1,6 +1,6 @@
-"""The embedded demo image set: real photographs that ship inside scikit-image and load offline.
+"""The embedded demo image set: real photographs that ship inside installed packages and load offline.
 
-Every name maps to a loader of ``skimage.data``; grayscale photographs go through the same conversion as any
+Every name maps to a loader of ``skimage.data`` or of matplotlib's sample data (``grace_hopper``); grayscale photographs go through the same conversion as any
 user image (:func:`smt.data.images.to_rgb_uint8`). ``retina``, ``hubble_deep_field`` and the two
 ``stereo_motorcycle`` views are larger than the others and are centre-cropped by ``data.max_side``.
 """
@@ -25,6 +25,17 @@ def _skimage(name: str, index: int | None = None) -> Callable[[], np.ndarray]:
     return load
 
 
+def _matplotlib(filename: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        import matplotlib.cbook
+        from PIL import Image
+
+        with matplotlib.cbook.get_sample_data(filename) as fh, Image.open(fh) as img:
+            return np.asarray(img.convert("RGB"))
+
+    return load
+
+
 DEMO_IMAGES: dict[str, Callable[[], np.ndarray]] = {
     "astronaut": _skimage("astronaut"),
     "chelsea": _skimage("chelsea"),
@@ -39,6 +50,9 @@ DEMO_IMAGES: dict[str, Callable[[], np.ndarray]] = {
     "brick": _skimage("brick"),  # grayscale texture
     "gravel": _skimage("gravel"),  # grayscale texture
     "coins": _skimage("coins"),  # grayscale
+    "grass": _skimage("grass"),  # grayscale texture
+    "moon": _skimage("moon"),  # grayscale
+    "grace_hopper": _matplotlib("grace_hopper.jpg"),
 }
 
 

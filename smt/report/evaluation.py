@@ -17,22 +17,97 @@ from tqdm import tqdm
 from smt.config import DataConfig, ReportConfig
 from smt.data.dataset_builder import has_hr, read_manifest
 from smt.data.images import read_image
-from smt.evaluate import bicubic_upscale, evaluate_folder, get_protocol, summarize
+from smt.evaluate import METRIC_COLUMNS, bicubic_upscale, evaluate_folder, get_protocol, summarize
 from smt.metrics import evaluate_pair
 from smt.report.figures import save_crop_grid, save_figure
 from smt.report.index import write_index, write_metrics
 
-__all__ = ["EvaluationResult", "run_evaluation"]
+__all__ = ["EvaluationResult", "run_evaluation", "final_method", "gains_over_bicubic", "below_bicubic",
+           "generalisation_note"]
 
 
 @dataclass
 class EvaluationResult:
-    per_image: pd.DataFrame  # columns: split, method, id, psnr_y, ssim_y, psnr_rgb, ssim_rgb
-    metrics: dict  # {"protocol": str, "num_images": {split: n}, split: {method: {metric: mean}}}
+    per_image: pd.DataFrame  # columns: split, method, id, source, psnr_y, ssim_y, psnr_rgb, ssim_rgb, color_shift
+    metrics: dict  # {"protocol": str, "num_images": {split: n}, split: {method: {metric: mean}}, ...}
     protocol: str  # the full description of the protocol that produced every number
     crops_png: Path
     index_html: Path
     fusion_png: Path | None = None
+    gains_png: Path | None = None
+    generalisation: str = ""  # one plain sentence: is the final method above bicubic on every image?
+
+
+def final_method(methods: list[str]) -> str:
+    """The pipeline's final method among ``methods``: the fused ensemble when present, else the last one."""
+    candidates = [m for m in methods if m != "bicubic"]
+    if not candidates:
+        raise ValueError("no method besides bicubic was scored")
+    return "fused" if "fused" in candidates else candidates[-1]
+
+
+def gains_over_bicubic(per_image: pd.DataFrame) -> pd.DataFrame:
+    """Per split, method and image: PSNR-Y and PSNR-RGB minus bicubic's on the same image, and colour shift."""
+    keys = ["split", "id"]
+    bic = per_image[per_image.method == "bicubic"].set_index(keys)[["psnr_y", "psnr_rgb"]]
+    rows = per_image[per_image.method != "bicubic"].join(bic, on=keys, rsuffix="_bicubic")
+    rows["gain_psnr_y"] = rows["psnr_y"] - rows["psnr_y_bicubic"]
+    rows["gain_psnr_rgb"] = rows["psnr_rgb"] - rows["psnr_rgb_bicubic"]
+    cols = [c for c in ("split", "method", "id", "source") if c in rows]
+    return rows[cols + ["gain_psnr_y", "gain_psnr_rgb", "color_shift"]].reset_index(drop=True)
+
+
+def below_bicubic(gains: pd.DataFrame, method: str) -> dict[str, list[str]]:
+    """Per split, the images on which ``method`` is below bicubic in PSNR-Y or PSNR-RGB."""
+    g = gains[gains.method == method]
+    bad = g[(g.gain_psnr_y < 0) | (g.gain_psnr_rgb < 0)]
+    return {split: bad[bad.split == split]["id"].tolist() for split in g["split"].unique()}
+
+
+def generalisation_note(gains: pd.DataFrame, method: str) -> str:
+    """One sentence a reviewer reads first: does ``method`` beat bicubic on every scored image, and which not."""
+    g = gains[gains.method == method]
+    label = lambda r: f"{r.split}/{r.id}" + (f" ({r.source})" if "source" in g and r.source else "")  # noqa: E731
+    bad = g[(g.gain_psnr_y < 0) | (g.gain_psnr_rgb < 0)]
+    worst = g.loc[g.color_shift.idxmax()]
+    shift = f"largest colour shift {worst.color_shift:.2f} grey levels ({label(worst)})"
+    if bad.empty:
+        return (f"The final method ({method}) is above bicubic in PSNR-Y and PSNR-RGB on every one of the "
+                f"{len(g)} scored images (smallest PSNR-Y gain {g.gain_psnr_y.min():+.2f} dB); {shift}.")
+    items = "; ".join(f"{label(r)}: PSNR-Y {r.gain_psnr_y:+.2f} dB, PSNR-RGB {r.gain_psnr_rgb:+.2f} dB"
+                      for r in bad.itertuples())
+    return (f"The final method ({method}) is BELOW bicubic on {len(bad)} of {len(g)} scored images: {items}. "
+            f"{shift[0].upper() + shift[1:]}.")
+
+
+def _gain_chart(gains: pd.DataFrame, path: Path) -> Path | None:
+    """Per-image PSNR-Y gain over bicubic of every method, one panel per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if gains.empty:
+        return None
+    splits = list(gains["split"].unique())
+    methods = list(gains["method"].unique())
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.8 * len(splits), 3.2), squeeze=False,
+                             gridspec_kw={"width_ratios": [gains[gains.split == s]["id"].nunique() + 1
+                                                           for s in splits]})
+    width = 0.8 / len(methods)
+    for ax, split in zip(axes[0], splits):
+        g = gains[gains.split == split]
+        ids = list(g["id"].unique())
+        names = [f"{i}\n{g[g.id == i]['source'].iloc[0]}" if "source" in g else i for i in ids]
+        for k, method in enumerate(methods):
+            vals = g[g.method == method].set_index("id").reindex(ids)["gain_psnr_y"]
+            ax.bar([i + (k - (len(methods) - 1) / 2) * width for i in range(len(ids))], vals, width, label=method)
+        ax.axhline(0, c="k", lw=0.8)
+        ax.set_xticks(range(len(ids)), names, fontsize=7)
+        ax.set_title(f"{split}: PSNR-Y gain over bicubic (dB)", fontsize=9)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 def _method_folders(results_dir: Path, split: str, order: list[str]) -> dict[str, Path]:
@@ -67,7 +142,7 @@ def run_evaluation(data_cfg: DataConfig, report_cfg: ReportConfig, results_dir: 
     root, results_dir, out_dir = Path(data_cfg.root), Path(results_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frames, crop_rows, psnr_of = [], [], {}
-    num_images = {}
+    num_images, sources = {}, {}
     timings_path = results_dir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     order = list(timings)
@@ -76,6 +151,8 @@ def run_evaluation(data_cfg: DataConfig, report_cfg: ReportConfig, results_dir: 
         if manifest.empty:
             continue
         num_images[split] = len(manifest)
+        if "source" in manifest:
+            sources.update({(split, i): str(src) for i, src in zip(manifest["id"], manifest["source"])})
         if not has_hr(manifest):  # the challenge's test set: outputs are written, nothing can be scored
             continue
         rows = []
@@ -93,8 +170,9 @@ def run_evaluation(data_cfg: DataConfig, report_cfg: ReportConfig, results_dir: 
             if split == "valid":
                 for img_id, images in crop_rows:
                     images[method] = read_image(next(folder.glob(f"{img_id}*.png")))
-    per_image = pd.concat(frames, ignore_index=True)[["split", "method", "id", "psnr_y", "ssim_y", "psnr_rgb",
-                                                       "ssim_rgb"]]
+    per_image = pd.concat(frames, ignore_index=True)
+    per_image["source"] = [sources.get((sp, i), "") for sp, i in zip(per_image["split"], per_image["id"])]
+    per_image = per_image[["split", "method", "id", "source", *METRIC_COLUMNS]]
     per_image.to_csv(out_dir / "per_image.csv", index=False)
     for r in per_image[per_image.split == "valid"].itertuples():
         psnr_of[(r.id, r.method)] = r.psnr_y
@@ -110,6 +188,15 @@ def run_evaluation(data_cfg: DataConfig, report_cfg: ReportConfig, results_dir: 
     if fusion:
         metrics["fusion_weight"] = fusion["weight_a"]
     fusion_png = _fusion_plot(fusion, out_dir / "fusion.png")
+    gains = gains_over_bicubic(per_image)
+    gains_png, note = None, ""
+    if not gains.empty:
+        method = final_method(list(per_image["method"].unique()))
+        gains_png = _gain_chart(gains, out_dir / "gains.png")
+        note = generalisation_note(gains, method)
+        metrics["final_method"] = method
+        metrics["below_bicubic"] = below_bicubic(gains, method)
+        metrics["generalisation"] = note
     write_metrics(Path(reports_dir) / "metrics.json", metrics)
     crops_png = out_dir / "crops.png"
     save_crop_grid(crops_png, crop_rows, report_cfg.crop_size, psnr_of)
@@ -117,4 +204,5 @@ def run_evaluation(data_cfg: DataConfig, report_cfg: ReportConfig, results_dir: 
                  f"the HR images, rounded to uint8; " +
                  ", ".join(f"{n} {s} images" for s, n in num_images.items()) + f" under {data_cfg.root}")
     index_html = write_index(reports_dir, metrics, protocol.describe(), data_note)
-    return EvaluationResult(per_image, metrics, protocol.describe(), crops_png, index_html, fusion_png)
+    return EvaluationResult(per_image, metrics, protocol.describe(), crops_png, index_html, fusion_png, gains_png,
+                            note)

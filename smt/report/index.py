@@ -32,12 +32,13 @@ def _title(stage: str) -> str:
 
 def _table(summary: Mapping[str, Mapping[str, float]]) -> str:
     head = ("<tr><th>method</th><th>PSNR-Y (dB)</th><th>SSIM-Y</th><th>PSNR-RGB (dB)</th><th>SSIM-RGB</th>"
-            "<th>s / image</th><th>peak MB</th></tr>")
+            "<th>colour shift<br>mean / max</th><th>s / image</th><th>peak MB</th></tr>")
     opt = lambda v, k, f: format(v[k], f) if k in v else "&ndash;"  # noqa: E731
     body = "".join(
         f"<tr><td>{html.escape(m)}</td><td>{v['psnr_y']:.3f}</td><td>{v['ssim_y']:.4f}</td>"
-        f"<td>{v['psnr_rgb']:.3f}</td><td>{v['ssim_rgb']:.4f}</td><td>{opt(v, 'seconds_per_image', '.2f')}</td>"
-        f"<td>{opt(v, 'peak_mb', '.0f')}</td></tr>"
+        f"<td>{v['psnr_rgb']:.3f}</td><td>{v['ssim_rgb']:.4f}</td>"
+        f"<td>{opt(v, 'color_shift', '.2f')} / {opt(v, 'color_shift_max', '.2f')}</td>"
+        f"<td>{opt(v, 'seconds_per_image', '.2f')}</td><td>{opt(v, 'peak_mb', '.0f')}</td></tr>"
         for m, v in summary.items()
     )
     return f"<table>{head}{body}</table>"
@@ -78,7 +79,9 @@ def write_index(reports_dir: str | Path, metrics: Mapping, protocol: str, data_n
 td,th{{border:1px solid #bbb;padding:.3em .7em;text-align:right}}td:first-child{{text-align:left}}</style>
 </head><body>
 <h1>SMT: NTIRE 2025 x4 super-resolution, reproduced</h1>
-<p><b>Protocol.</b> {html.escape(protocol)}. Mean over images.</p>
+{('<p style="font-size:1.1em;padding:.5em;border-left:4px solid ' + ('#c00' if any(metrics.get('below_bicubic', {}).values()) else '#080') + '"><b>Against bicubic.</b> ' + html.escape(metrics['generalisation']) + '</p>') if metrics.get('generalisation') else ''}
+<p><b>Protocol.</b> {html.escape(protocol)}. Mean over images. Colour shift: the largest over R, G, B of
+|mean(SR &minus; HR)| on the scored region, in grey levels (mean over images / worst image).</p>
 <p><b>Data.</b> {html.escape(data_note)}</p>
 <p><b>Methods.</b> bicubic: MATLAB-bicubic x4 upscaling (the floor). <i>model</i>: one forward of the final EMA
 weights. +SE: x8 geometric self-ensemble. +MW: the tiled result at several window sizes, averaged with weights.

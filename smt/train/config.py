@@ -6,7 +6,7 @@ from typing import Literal
 
 from smt.config import ConfigError
 
-__all__ = ["ModelSpec", "StageSpec", "TrainConfig"]
+__all__ = ["AugmentSpec", "ModelSpec", "StageSpec", "TrainConfig"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,29 @@ class StageSpec:
 
 
 @dataclass(frozen=True)
+class AugmentSpec:
+    """Random transforms of each training patch, drawn per step by the sampler (:mod:`smt.train.data`).
+
+    ``dihedral`` is the paper's recipe. The colour transforms keep every pair exactly consistent with the
+    bicubic degradation (:mod:`smt.data.augment`); they are a demo measure, off in the ntire2025 profile."""
+
+    dihedral: bool = True  # flips and transposes: all 8 rotations/reflections
+    channel_permute: bool = False  # a random order of R, G, B (exact on the stored pair)
+    color_prob: float = 0.0  # probability of a random colour matrix (the LR is re-made from the new HR)
+    hue_degrees: float = 180.0  # hue rotation drawn uniformly in [-hue_degrees, hue_degrees]
+    saturation: tuple[float, float] = (1.0, 1.0)  # saturation scale drawn uniformly in [low, high]
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.color_prob <= 1.0:
+            raise ConfigError(f"train.augment.color_prob: must be in [0, 1], got {self.color_prob}")
+        if not 0.0 <= self.hue_degrees <= 180.0:
+            raise ConfigError(f"train.augment.hue_degrees: must be in [0, 180], got {self.hue_degrees}")
+        low, high = self.saturation
+        if not 0.0 <= low <= high:
+            raise ConfigError(f"train.augment.saturation: needs 0 <= low <= high, got {list(self.saturation)}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     models: dict[str, ModelSpec]
     stages: dict[str, StageSpec]
@@ -54,6 +77,7 @@ class TrainConfig:
     bf16: bool = True  # autocast on CUDA only
     aux_scales: tuple[int, ...] = (2, 3)
     aux_weights: tuple[float, ...] = (0.5, 0.5)
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
     log_every: int = 10
     val_every: int = 100
     ckpt_every: int = 100

@@ -4,7 +4,8 @@ The sampler draws every random choice of a *global* batch (image, crop corner, f
 generator seeded by ``(seed, step)``; each DDP rank takes its slice of the batch. So the data is a function of
 the step alone: independent of the number of loader workers and processes, unaffected by prefetching, and a
 run resumed at step k sees exactly the batches an uninterrupted run sees. The dataset only applies those
-choices to images held in memory.
+choices to images held in memory. Colour augmentations (``train.augment``, :mod:`smt.data.augment`) are drawn
+after the crops and flips from the same generator, so with them off the draws are those of the paper's recipe.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from smt.data.augment import PERMUTATIONS, color_matrix, degrade_patch
 from smt.data.dataset_builder import read_manifest
 from smt.data.images import read_image
+from smt.train.config import AugmentSpec
 
 __all__ = ["PatchSpec", "PairedPatchDataset", "GlobalBatchSampler", "read_subset"]
 
@@ -30,6 +33,8 @@ class PatchSpec:
     hflip: bool
     vflip: bool
     transpose: bool  # with the flips: all 8 dihedral transforms (90-degree rotations included)
+    channels: tuple[int, int, int] = (0, 1, 2)  # output channel c is input channel channels[c]
+    color: tuple[float, float] | None = None  # (hue degrees, saturation) of a colour matrix; None = no matrix
 
 
 def augment(x: torch.Tensor, spec: PatchSpec) -> torch.Tensor:
@@ -85,8 +90,15 @@ class PairedPatchDataset(Dataset):
 
     def __getitem__(self, spec: PatchSpec) -> tuple[torch.Tensor, torch.Tensor]:
         p, s = self.patch_size, self.scale
-        lr = self.lr[spec.image][:, spec.top:spec.top + p, spec.left:spec.left + p]
-        hr = self.hr[spec.image][:, s * spec.top:s * (spec.top + p), s * spec.left:s * (spec.left + p)]
+        if spec.color is None:
+            lr = self.lr[spec.image][:, spec.top:spec.top + p, spec.left:spec.left + p]
+            hr = self.hr[spec.image][:, s * spec.top:s * (spec.top + p), s * spec.left:s * (spec.left + p)]
+        else:  # the LR is re-made from the colour-transformed HR (exactly what degrading the whole image gives)
+            lr_np, hr_np = degrade_patch(self.hr[spec.image].permute(1, 2, 0).numpy(), spec.top, spec.left, p, s,
+                                         color_matrix(*spec.color))
+            lr, hr = (torch.from_numpy(a).permute(2, 0, 1) for a in (lr_np, hr_np))
+        if spec.channels != (0, 1, 2):
+            lr, hr = lr[list(spec.channels)], hr[list(spec.channels)]
         return augment(lr, spec).float() / 255.0, augment(hr, spec).float() / 255.0
 
 
@@ -94,7 +106,8 @@ class GlobalBatchSampler(Sampler):
     """Yields this rank's list of :class:`PatchSpec` for each step from ``start_step`` on, forever."""
 
     def __init__(self, sizes: Sequence[tuple[int, int]], patch_size: int, global_batch: int, seed: int,
-                 rank: int = 0, world_size: int = 1, augment: bool = True, start_step: int = 0) -> None:
+                 rank: int = 0, world_size: int = 1, augment: AugmentSpec = AugmentSpec(),
+                 start_step: int = 0) -> None:
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
         self.sizes, self.patch_size, self.global_batch = list(sizes), patch_size, global_batch
@@ -106,12 +119,20 @@ class GlobalBatchSampler(Sampler):
         p, n = self.patch_size, self.global_batch
         images = torch.randint(len(self.sizes), (n,), generator=g).tolist()
         corners = torch.rand(n, 2, generator=g).tolist()
-        flips = torch.randint(2, (n, 3), generator=g).tolist() if self.augment else [[0, 0, 0]] * n
+        aug = self.augment
+        flips = torch.randint(2, (n, 3), generator=g).tolist() if aug.dihedral else [[0, 0, 0]] * n
+        channels = [PERMUTATIONS[k] for k in torch.randint(6, (n,), generator=g).tolist()] \
+            if aug.channel_permute else [PERMUTATIONS[0]] * n
+        colors: list[tuple[float, float] | None] = [None] * n
+        if aug.color_prob > 0:
+            low, high = aug.saturation
+            colors = [((2 * u1 - 1) * aug.hue_degrees, low + u2 * (high - low)) if u0 < aug.color_prob else None
+                      for u0, u1, u2 in torch.rand(n, 3, generator=g, dtype=torch.float64).tolist()]
         specs = []
         for i, ((fy, fx), (hf, vf, tr)) in enumerate(zip(corners, flips)):
             h, w = self.sizes[images[i]]
             specs.append(PatchSpec(images[i], int(fy * (h - p + 1)), int(fx * (w - p + 1)), bool(hf), bool(vf),
-                                   bool(tr)))
+                                   bool(tr), channels[i], colors[i]))
         per_rank = n // self.world_size
         return specs[self.rank * per_rank:(self.rank + 1) * per_rank]
 

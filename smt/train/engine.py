@@ -133,7 +133,7 @@ def train_stage(cfg: TrainConfig, model_name: str, round_: int, stage: str, data
     fingerprint = json.loads(json.dumps({
         "arch": arch, "kwargs": kwargs, "stage": asdict(spec), "seed": cfg.seed, "world": world,
         "ema_decay": cfg.ema_decay, "ema_warmup": cfg.ema_warmup, "betas": cfg.betas, "grad_clip": cfg.grad_clip,
-        "aux_weights": cfg.aux_weights, "data_root": data_root}))
+        "aux_weights": cfg.aux_weights, "augment": asdict(cfg.augment), "data_root": data_root}))
 
     torch.manual_seed(cfg.seed + 1000 * round_ + rank)
     model = build_model(mspec.preset, aux_scales=tuple(cfg.aux_scales)).to(device)
@@ -172,7 +172,7 @@ def train_stage(cfg: TrainConfig, model_name: str, round_: int, stage: str, data
     subset = read_subset(spec.subset) if spec.subset else None
     dataset = PairedPatchDataset(data_root, "train", spec.patch_size, scale, subset)
     sampler = GlobalBatchSampler(dataset.sizes(), spec.patch_size, spec.batch_size, cfg.seed + 7919 * round_,
-                                 rank, world, start_step=step)
+                                 rank, world, augment=cfg.augment, start_step=step)
     loader = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate))
     if state is not None:  # after the loader: creating its iterator draws from the global generator
         set_rng_state(state["rng"])

@@ -47,7 +47,8 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from smt.infer.runner import run_inference
 
     out = run_inference(load_section("infer", args.params), load_section("train", args.params),
-                        load_section("data", args.params), args.out, params_path=args.params)
+                        load_section("data", args.params), args.out, params_path=args.params,
+                        timings_path=args.timings)
     if dist_info()[0] == 0:
         print(json.dumps(out["timings"], indent=2))
     return 0
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("infer", help="the infer stage without its notebook; shards images under torchrun")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--out", default="results")
+    p.add_argument("--timings", help="also write seconds per image and peak memory per method here (JSON)")
     p.set_defaults(func=_cmd_infer)
     p = sub.add_parser("upscale", help="super-resolve your images with a checkpoint")
     p.add_argument("inputs", nargs="+", help="image files or folders")

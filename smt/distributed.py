@@ -2,6 +2,7 @@
 and relaunching one of our CLI commands under ``torchrun`` when params ask for more than one process."""
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-__all__ = ["dist_info", "init_process_group", "barrier", "torchrun", "device_for"]
+__all__ = ["dist_info", "init_process_group", "barrier", "torchrun", "device_for", "select_device", "local_rank"]
 
 
 def dist_info() -> tuple[int, int]:
@@ -17,19 +18,52 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def local_rank() -> int:
+    """This process's index on its node (torchrun's ``LOCAL_RANK``); 0 outside torchrun."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def select_device(requested: str, local_rank: int, device_count: int) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` -> the device of the process with index ``local_rank`` on a node that sees
+    ``device_count`` CUDA devices: ``cuda:local_rank``, one GPU per process, or the CPU. Pure, so testable
+    without a GPU; :func:`device_for` feeds it this process's values."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown device {requested!r} (valid: 'auto', 'cpu', 'cuda')")
+    if requested == "cpu" or (requested == "auto" and device_count == 0):
+        return torch.device("cpu")
+    if device_count == 0:
+        raise RuntimeError("device 'cuda' was asked for but no CUDA device is available")
+    if not 0 <= local_rank < device_count:
+        raise RuntimeError(f"LOCAL_RANK={local_rank} but this process sees only {device_count} CUDA device(s) "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): run at "
+                           f"most {device_count} processes per node (torchrun --nproc_per_node)")
+    return torch.device("cuda", local_rank)
+
+
 def device_for(requested: str) -> torch.device:
-    """``auto`` | ``cpu`` | ``cuda`` -> this process's device (``cuda:LOCAL_RANK`` under torchrun)."""
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was asked for but no CUDA device is available")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    """``auto`` | ``cpu`` | ``cuda`` -> this process's device (``cuda:LOCAL_RANK`` under torchrun).
+
+    A CUDA device is also made this process's current device, so kernels that launch on the current device
+    (Triton, cuBLAS handles, NCCL) use this rank's GPU and not GPU 0."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = select_device(requested, local_rank(), count)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def init_process_group(device: torch.device) -> None:
-    """Join the job's process group (NCCL on GPUs, gloo on CPU) when running under torchrun."""
+    """Join the job's process group (NCCL on GPUs, gloo on CPU) when running under torchrun; on a GPU the
+    group is bound to ``device`` (``device_id``, where this torch supports it)."""
     if dist_info()[1] > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type != "cuda":
+            dist.init_process_group("gloo")
+            return
+        torch.cuda.set_device(device)
+        if "device_id" in inspect.signature(dist.init_process_group).parameters:
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("nccl")
 
 
 def barrier() -> None:

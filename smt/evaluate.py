@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from smt.data.images import IMAGE_SUFFIXES, read_image
+from smt.data.images import IMAGE_SUFFIXES, read_image, uint8_to_unit
 from smt.data.imresize import imresize, to_uint8
 from smt.metrics import BASICSR, NTIRE2025, Protocol, evaluate_pair
 
@@ -29,7 +29,7 @@ def get_protocol(name: str) -> Protocol:
 
 def bicubic_upscale(lr: np.ndarray, scale: int) -> np.ndarray:
     """MATLAB-bicubic upscale of a uint8 LR image, rounded to uint8 (the floor every SR method must beat)."""
-    return to_uint8(imresize(lr.astype(np.float32) / 255.0, scale))
+    return to_uint8(imresize(uint8_to_unit(lr), scale))
 
 
 def image_id(path: str | Path) -> str:

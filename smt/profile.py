@@ -88,13 +88,14 @@ def check_params(params_path: str | Path, gpus: int | None = None) -> list[Check
                                            "NODE_RANK on every node (README runbook)"))
     uses_mamba = any("mamba" in m.preset for m in train.models.values())
     if uses_mamba and (gpus or train.device == "cuda"):
-        try:
-            import mamba_ssm  # noqa: F401
+        from smt.kernels.selective_scan import cuda_scan_backend
 
-            items.append(CheckItem("ok", "mamba_ssm: installed (CUDA selective scan)"))
-        except Exception:
-            items.append(CheckItem("todo", "mamba_ssm: not importable; the CUDA scan falls back to our own kernel "
-                                           "(pip install mamba-ssm for the official one)"))
+        name, reason = cuda_scan_backend()
+        if name == "mamba_ssm":
+            items.append(CheckItem("ok", f"selective scan on CUDA: {name} ({reason})"))
+        else:
+            items.append(CheckItem("todo", f"selective scan on CUDA: {name} ({reason}); for mamba_ssm's kernel "
+                                           "install it with its CUDA build (README, GPU machines)"))
     stages = len(train.schedule()) * len(train.models)
     iters = sum(train.stages[s].iters for _, s in train.schedule())
     items.append(CheckItem("ok", f"schedule: {stages} training stages ({len(train.models)} models x "

@@ -185,7 +185,8 @@ def test_inference_sharded_over_two_processes_equals_one(trained_setup, tmp_path
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(json_ready(params)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "smt", "infer", "--params", str(tmp_path / "params.yaml"),
-                          "--out", str(tmp_path / "two")], cwd=Path(__file__).parents[1], env=env,
+                          "--out", str(tmp_path / "two"), "--timings", str(tmp_path / "timings_two.json")],
+                         cwd=Path(__file__).parents[1], env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     files = {p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png")}
@@ -195,8 +196,11 @@ def test_inference_sharded_over_two_processes_equals_one(trained_setup, tmp_path
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
     two = json.loads((tmp_path / "two" / "fusion.json").read_text())
     assert two["weight_a"] == single["fusion"]["weight_a"] and two["curves"] == single["fusion"]["curves"]
-    timings = json.loads((tmp_path / "two" / "timings.json").read_text())
+    # wall-clock stays out of results/ (a DVC output): it goes to --timings, outside it
+    timings = json.loads((tmp_path / "timings_two.json").read_text())
     assert list(timings) == list(single["timings"]) and not (tmp_path / "two" / ".fusion_inputs").exists()
+    assert json.loads((tmp_path / "two" / "methods.json").read_text())["methods"] == single["methods"]
+    assert not (tmp_path / "two" / "timings.json").exists()
 
 
 def json_ready(obj):

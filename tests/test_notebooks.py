@@ -35,7 +35,7 @@ def test_dvc_stages_run_their_notebooks():
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert set(dvc) == set(STAGES)
     for name, stage in dvc.items():
-        assert stage["cmd"] == f"python -m smt stage {name}"
+        assert stage["cmd"] == f"python -m smt.stages {name}"
         assert STAGES[name][0] in stage["deps"]
         assert f"reports/{name}" in stage["outs"]
 

@@ -43,6 +43,7 @@ def workdir(tmp_path_factory):
     _run([sys.executable, "-m", "smt", "pipeline"], work)
     _run(["git", "init", "-q"], work)
     _run([sys.executable, "-m", "dvc", "init", "-q"], work)
+    shutil.copy(REPO / ".dvcignore", work / ".dvcignore")
     return work
 
 
@@ -50,9 +51,22 @@ def test_repro_writes_reports_and_metrics(workdir):
     _run([sys.executable, "-m", "dvc", "repro"], workdir)
     metrics = json.loads((workdir / "reports" / "metrics.json").read_text())
     assert metrics["protocol"] == "NTIRE2025" and metrics["num_images"] == {"valid": 2}
-    assert list(metrics["valid"]) == ["bicubic", "hat", "hat+SE", "mambairv2", "mambairv2+SE", "mambairv2+SE+MW",
-                                      "fused"]
-    assert metrics["valid"]["hat"]["seconds_per_image"] > 0 and 0 <= metrics["fusion_weight"] <= 1
+    methods = ["hat", "hat+SE", "mambairv2", "mambairv2+SE", "mambairv2+SE+MW", "fused"]
+    assert list(metrics["valid"]) == ["bicubic", *methods]  # the report keeps the inference stage's order
+    assert json.loads((workdir / "results/methods.json").read_text())["methods"] == methods
+    assert 0 <= metrics["fusion_weight"] <= 1
+    # colour fidelity and generalisation are reported per method, with the final method's verdict
+    for v in metrics["valid"].values():
+        assert 0 <= v["color_shift"] <= v["color_shift_max"]
+    assert metrics["final_method"] == "fused" and set(metrics["below_bicubic"]) == {"valid"}
+    assert metrics["generalisation"].startswith("The final method (fused) is ")
+    assert "Against bicubic." in (workdir / "reports" / "index.html").read_text()
+    # wall-clock is a measurement of the run: in timings/ (not a DVC output), never in results/ or the reports
+    assert not (workdir / "results/timings.json").exists() and "seconds_per_image" not in metrics["valid"]["hat"]
+    timings = json.loads((workdir / "timings/infer.json").read_text())
+    assert timings["hat"]["seconds_per_image"] > 0 and timings["stage_seconds"] > 0
+    assert json.loads((workdir / "timings/train_hat_r1_s1.json").read_text())["train_seconds"] > 0
+    assert "train_seconds" not in json.loads((workdir / "models/hat/r1_s1/metrics.json").read_text())
     # recompute the bicubic score independently of the stage
     scores = []
     for i in ("0101", "0102"):
@@ -102,3 +116,51 @@ def test_failing_cell_fails_the_stage(workdir):
     assert "unknown demo image 'no_such_image'" in res.stdout + res.stderr
     # the previous data set is untouched: a failed stage loses no data
     assert (workdir / "data/demo/valid_HR/0101.png").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The smallest pipeline with every kind of stage: data, one training stage, infer (one model), report."""
+    work = tmp_path_factory.mktemp("tiny")
+    for name in ("smt", "notebooks"):
+        shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(max_side=64, train_images=["camera"], valid_images=["astronaut", "coins"],
+                          test_images=[])
+    params["train"]["models"] = {"hat": params["train"]["models"]["hat"]}
+    params["train"]["stages"] = {"s1": {**params["train"]["stages"]["s1"], "patch_size": 8, "batch_size": 2,
+                                        "iters": 3, "milestones": []}}
+    params["train"].update(stage_order=["s1"], val_every=2, ckpt_every=2, log_every=1, val_max_side=16)
+    params["infer"].update(models=["hat"], multi_window_model="", window_tiles=[8], window_weights=[1.0],
+                           tile_overlap=2)
+    params["ablations"].update(subset_stage="s1")
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    _run([sys.executable, "-m", "smt", "pipeline"], work)
+    _run(["git", "init", "-q"], work)
+    _run([sys.executable, "-m", "dvc", "init", "-q"], work)
+    shutil.copy(REPO / ".dvcignore", work / ".dvcignore")
+    return work
+
+
+def _out_hashes(lock_path: Path) -> dict:
+    stages = yaml.safe_load(lock_path.read_text())["stages"]
+    return {(name, o["path"]): o["md5"] for name, st in stages.items() for o in st.get("outs", [])}
+
+
+def test_forced_rerun_gives_identical_hashes(tiny):
+    """Same machine, same inputs -> the same bytes: `dvc repro -f report` recomputes every stage (the training run
+    from scratch, not resumed) and changes no hash in dvc.lock; then nothing is stale."""
+    out = _run([sys.executable, "-m", "dvc", "repro", "report"], tiny)
+    assert out.count("Running stage") == 4
+    first = _out_hashes(tiny / "dvc.lock")
+    assert {s for s, _ in first} == {"data", "train_hat_r1_s1", "infer", "report"}
+    out = _run([sys.executable, "-m", "dvc", "repro", "-f", "report"], tiny)
+    assert out.count("Running stage") == 4 and "models/hat/r1_s1: finished run; starting afresh" in out
+    second = _out_hashes(tiny / "dvc.lock")
+    changed = sorted(f"{stage}: {path}" for (stage, path), h in first.items() if second.get((stage, path)) != h)
+    assert not changed, f"outputs whose bytes changed on a forced rerun: {changed}"
+    out = _run([sys.executable, "-m", "dvc", "repro", "report"], tiny)
+    assert "Running stage" not in out
+    assert "up to date" in _run([sys.executable, "-m", "dvc", "status", "report"], tiny)
+    executed = json.loads((tiny / "reports/infer/80_infer.ipynb").read_text())
+    assert "start_time" not in json.dumps(executed) and '"name": "stderr"' not in json.dumps(executed)

@@ -26,7 +26,7 @@ import torch
 from smt.ablations.config import AblationConfig
 from smt.config import DataConfig, InferConfig
 from smt.data.dataset_builder import read_manifest
-from smt.data.images import read_image
+from smt.data.images import float255_to_uint8, image_to_tensor, read_image, tensor_to_float255
 from smt.metrics import NTIRE2025, evaluate_pair
 from smt.train.config import TrainConfig
 from smt.train.engine import run_dir, train_stage
@@ -123,7 +123,7 @@ class _Counted:
 
 
 def ensemble_ablation(infer: InferConfig, cfg: TrainConfig, data: DataConfig, log: Callable[[str], None] = print,
-                      ) -> tuple[pd.DataFrame, pd.DataFrame]:
+                      results_dir: str | Path = "results") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per configuration: mean validation PSNR-Y, forward work (LR pixels per image, relative to one plain
     forward of one model) and seconds per image. Returns (summary, per-image table)."""
     from smt.infer.ensemble import multi_window, self_ensemble
@@ -163,7 +163,7 @@ def ensemble_ablation(infer: InferConfig, cfg: TrainConfig, data: DataConfig, lo
     manifest = read_manifest(data.root, "valid")
     for row in manifest.itertuples():
         lr, hr = read_image(Path(data.root) / row.lr_path), read_image(Path(data.root) / row.hr_path)
-        x = torch.from_numpy(lr).permute(2, 0, 1)[None].float().div(255)
+        x = image_to_tensor(lr)
         plain_pixels = lr.shape[0] * lr.shape[1]
         floats: dict[str, tuple[np.ndarray, int, float]] = {}
         for m, cfgs in per_model.items():
@@ -174,13 +174,13 @@ def ensemble_ablation(infer: InferConfig, cfg: TrainConfig, data: DataConfig, lo
                 with torch.no_grad():
                     y = fn(x)
                 sec = time.perf_counter() - t
-                arr = (y[0].clamp(0, 1) * 255).permute(1, 2, 0).double().numpy()
+                arr = tensor_to_float255(y)
                 floats[name] = (arr, nets[m].pixels, sec)
         for name, (arr, px, sec) in floats.items():
-            rows.append({"config": name, "id": row.id, "psnr_y": evaluate_pair(fuse(arr, arr, 1.0), hr, NTIRE2025)
+            rows.append({"config": name, "id": row.id, "psnr_y": evaluate_pair(float255_to_uint8(arr), hr, NTIRE2025)
                          ["psnr_y"], "work": px / plain_pixels, "seconds": sec})
         # fusion of every HAT configuration with every MambaIRv2 configuration, at the weight of the infer stage
-        weight = _fusion_weight(infer)
+        weight = _fusion_weight(infer, results_dir)
         for a in per_model[a_name]:
             for b in per_model[b_name]:
                 (fa, pa, sa), (fb, pb, sb) = floats[a], floats[b]

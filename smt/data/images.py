@@ -3,6 +3,15 @@
 Conversions are explicit and lossless where possible: grayscale and palette images become RGB, 16-bit images
 are rounded to 8 bits (``v / 257``), an alpha channel is dropped only when fully opaque. A transparent image,
 an unreadable file or an image smaller than the scale factor raises :class:`ImageError` naming the file.
+
+This module is also the one home of the image <-> tensor conversion and of the float -> uint8 rule, used by
+training validation, the infer stage, ``upscale``, the ablations and the bicubic degradation:
+  - image -> tensor: uint8 ``HxWx3`` -> float32 ``(1, 3, H, W)`` in [0, 1] (``/ 255``; ``uint8_to_unit`` gives
+    the same values as a NumPy array, for the bicubic degradation);
+  - tensor -> image: clamp to [0, 1], scale by 255 in float32, then the rule below;
+  - **the rule**: ``uint8 = clip(round_half_to_even(v), 0, 255)`` for ``v`` on the [0, 255] scale (NumPy's
+    ``rint``/``round`` and ``torch.round`` both round half to even: 0.5 -> 0, 1.5 -> 2, 2.5 -> 2). It matches
+    BasicSR's ``tensor2img`` (``(x * 255).round()``) and never truncates. A NaN is an error, not a black pixel.
 """
 from __future__ import annotations
 
@@ -14,7 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageError", "read_image", "to_rgb_uint8", "write_png", "sha256_file", "IMAGE_SUFFIXES"]
+__all__ = ["ImageError", "read_image", "to_rgb_uint8", "write_png", "sha256_file", "IMAGE_SUFFIXES",
+           "image_to_tensor", "tensor_to_float255", "tensor_to_image", "float255_to_uint8", "unit_to_uint8",
+           "uint8_to_unit"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -103,3 +114,51 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def float255_to_uint8(values: np.ndarray) -> np.ndarray:
+    """The float -> uint8 rule: values on the [0, 255] scale, rounded half to even, clipped to [0, 255]."""
+    values = np.asarray(values)
+    if np.isnan(values).any():
+        raise ValueError("float255_to_uint8: the image has NaN values")
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def unit_to_uint8(values: np.ndarray) -> np.ndarray:
+    """[0, 1] floats (NumPy) -> uint8: clip, scale by 255 in float32 (as the tensor path does), the rule."""
+    scaled = np.clip(np.asarray(values, dtype=np.float32), 0, 1) * np.float32(255.0)
+    return float255_to_uint8(scaled)
+
+
+def uint8_to_unit(img: np.ndarray) -> np.ndarray:
+    """uint8 image -> float32 array in [0, 1] (``/ 255``; the values :func:`image_to_tensor` gives)."""
+    if img.dtype != np.uint8:
+        raise TypeError(f"expected a uint8 image, got {img.dtype}")
+    return img.astype(np.float32) / np.float32(255.0)
+
+
+def image_to_tensor(img: np.ndarray, device=None):
+    """uint8 ``HxWx3`` -> float32 ``(1, 3, H, W)`` in [0, 1] on ``device``."""
+    import torch
+
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"image_to_tensor expects uint8 HxWx3, got {img.dtype} {img.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float().div(255)
+    return x if device is None else x.to(device)
+
+
+def tensor_to_float255(x) -> np.ndarray:
+    """``(3, H, W)`` or ``(1, 3, H, W)`` tensor in [0, 1] -> float64 ``HxWx3`` on the [0, 255] scale, before
+    rounding (clamped, scaled by 255 in float32; float64 holds those values exactly). Fusion mixes these."""
+    if x.dim() == 4:
+        if x.shape[0] != 1:
+            raise ValueError(f"tensor_to_float255 expects one image, got a batch of {x.shape[0]}")
+        x = x[0]
+    if x.dim() != 3 or x.shape[0] != 3:
+        raise ValueError(f"tensor_to_float255 expects (3, H, W), got {tuple(x.shape)}")
+    return (x.detach().float().clamp(0, 1) * 255.0).permute(1, 2, 0).cpu().double().numpy()
+
+
+def tensor_to_image(x) -> np.ndarray:
+    """``(3, H, W)`` or ``(1, 3, H, W)`` tensor in [0, 1] -> uint8 ``HxWx3`` by the rule."""
+    return float255_to_uint8(tensor_to_float255(x))

@@ -16,6 +16,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from smt.data.images import uint8_to_unit, unit_to_uint8
+
 __all__ = ["imresize", "imresize_torch", "resize_matrix", "to_uint8", "bicubic_degrade"]
 
 
@@ -78,16 +80,16 @@ def imresize(img: np.ndarray, scale: float, antialiasing: bool = True) -> np.nda
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
-    """``[0, 1]`` float -> uint8: clip, scale by 255 in float32, round half to even (BasicSR's ``tensor2img``)."""
-    scaled = np.clip(np.asarray(img, dtype=np.float32), 0, 1) * np.float32(255.0)
-    return np.round(scaled).astype(np.uint8)
+    """``[0, 1]`` float -> uint8 by the pipeline's one rule (:func:`smt.data.images.unit_to_uint8`: clip, scale by
+    255 in float32, round half to even, as BasicSR's ``tensor2img``)."""
+    return unit_to_uint8(img)
 
 
 def bicubic_degrade(hr: np.ndarray, scale: int) -> np.ndarray:
     """DIV2K-style LR: antialiased MATLAB bicubic downscale of a uint8 HR image by ``1/scale``, rounded to uint8."""
     if hr.dtype != np.uint8:
         raise TypeError(f"expected a uint8 image, got {hr.dtype}")
-    return to_uint8(imresize(hr.astype(np.float32) / 255.0, 1.0 / scale))
+    return to_uint8(imresize(uint8_to_unit(hr), 1.0 / scale))
 
 
 def imresize_torch(x: "torch.Tensor", scale: float, antialiasing: bool = True) -> "torch.Tensor":

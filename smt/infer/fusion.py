@@ -1,10 +1,10 @@
 """Weighted fusion of two models' outputs, with the weight fit on validation images.
 
 ``fused = w * a + (1 - w) * b`` in float, then rounded (not truncated, unlike the submission's uint8 cast) to
-uint8. The weight maximises the challenge score, the mean PSNR-Y of the rounded outputs over the validation
-images: a grid search over ``w`` in [0, 1] (``grid`` points; PSNR-Y is smooth and unimodal in w in practice,
-and the grid evaluates exactly the quantity reported, rounding included). The closed-form least-squares
-weight on the pooled Y channel is reported beside it as a check.
+uint8 by the pipeline's one rule (:mod:`smt.data.images`). The weight maximises the challenge score, the mean
+PSNR-Y of the rounded outputs over the validation images: a grid search over ``w`` in [0, 1] (``grid`` points;
+PSNR-Y is smooth and unimodal in w in practice, and the grid evaluates exactly the quantity reported, rounding
+included). The closed-form least-squares weight on the pooled Y channel is reported beside it as a check.
 """
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ from typing import Sequence
 
 import numpy as np
 
+from smt.data.images import float255_to_uint8
 from smt.metrics import NTIRE2025, Protocol, prepare_pair, psnr, rgb_to_y
 
 __all__ = ["FusionFit", "fuse", "fit_fusion_weight", "least_squares_weight"]
 
 
 def fuse(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:
-    """Float HxWx3 outputs in [0, 255] -> uint8, rounded half to even."""
-    return np.clip(np.round(w * a + (1.0 - w) * b), 0, 255).astype(np.uint8)
+    """Float HxWx3 outputs in [0, 255] -> uint8 by the pipeline's one rule (:func:`float255_to_uint8`)."""
+    return float255_to_uint8(w * a + (1.0 - w) * b)
 
 
 @dataclass

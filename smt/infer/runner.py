@@ -3,11 +3,13 @@
 For each split it writes ``results/<split>/<method>/<id>x<scale>.png`` (rounded uint8, the challenge naming)
 for the methods ``<model>`` (plain), ``<model>+SE`` (x8 self-ensemble), ``<mw model>+SE+MW`` (multi-window)
 and ``fused`` (the best of each model, mixed with the weight fit on the validation images), plus
-``results/timings.json`` (seconds per image and peak memory per method) and ``results/fusion.json``
-(weight, PSNR-Y curve over the weight on validation and test). Byte-identical on rerun: argmax routing, or
-Gumbel routing seeded per image. Under ``torchrun`` (``infer.nproc``/``infer.nnodes`` > 1) the images are
-sharded across processes; each writes its PNGs and its float outputs, and rank 0 fits and applies the fusion
-(``results/`` must then be on a file system every node sees).
+``results/methods.json`` (the methods in table order) and ``results/fusion.json`` (weight, PSNR-Y curve over
+the weight on validation and test). Byte-identical on rerun: argmax routing, or Gumbel routing seeded per image.
+Wall-clock seconds per image and peak memory per method are measurements of the run, not results: they go to
+``timings_path`` (the pipeline's ``timings/infer.json``, which DVC does not track), never into ``results/``.
+Under ``torchrun`` (``infer.nproc``/``infer.nnodes`` > 1) the images are sharded across processes; each writes
+its PNGs and its float outputs, and rank 0 fits and applies the fusion (``results/`` must then be on a file system
+every node sees).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from tqdm import tqdm
 
 from smt.config import DataConfig, InferConfig
 from smt.data.dataset_builder import has_hr, read_manifest
-from smt.data.images import read_image, write_png
+from smt.data.images import float255_to_uint8, image_to_tensor, read_image, tensor_to_float255, write_png
 from smt.distributed import barrier, device_for, dist_info, init_process_group, torchrun
 from smt.infer.ensemble import multi_window, self_ensemble
 from smt.infer.fusion import fit_fusion_weight, fuse
@@ -40,14 +42,6 @@ def _peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _to_tensor(img: np.ndarray, device) -> torch.Tensor:
-    return torch.from_numpy(img).permute(2, 0, 1)[None].float().div(255).to(device)
-
-
-def _to_float255(y: torch.Tensor) -> np.ndarray:
-    return (y[0].clamp(0, 1) * 255).permute(1, 2, 0).double().cpu().numpy()
 
 
 def METHOD_ORDER(cfg: InferConfig) -> list[str]:  # noqa: N802 - reads like a constant at call sites
@@ -76,17 +70,19 @@ def _merge_timings(parts: list[dict]) -> dict:
 
 
 def run_inference(infer_cfg: InferConfig, train_cfg: TrainConfig, data_cfg: DataConfig,
-                  results_dir: str | Path = "results", log=print, params_path: str | None = None) -> dict:
+                  results_dir: str | Path = "results", log=print, params_path: str | None = None,
+                  timings_path: str | Path | None = None) -> dict:
     """Run the stage; with ``infer.nproc`` (or ``nnodes``) > 1 it relaunches itself under torchrun (which needs
-    ``params_path``) and every process takes every world-th image. Under torchrun all ranks return the result."""
+    ``params_path``) and every process takes every world-th image. Under torchrun all ranks return the result:
+    ``{"methods": [...], "fusion": {...}, "timings": {...}}`` (timings: ``{}`` unless ``timings_path`` is set)."""
     results_dir = Path(results_dir)
     rank, world = dist_info()
     if world == 1 and (infer_cfg.nproc > 1 or infer_cfg.nnodes > 1):
         if params_path is None:
             raise ValueError("infer.nproc > 1: run_inference needs params_path to relaunch under torchrun")
-        torchrun(infer_cfg.nproc, ["infer", "--params", str(params_path), "--out", str(results_dir)],
-                 infer_cfg.nnodes)
-        return _read_results(results_dir)
+        torchrun(infer_cfg.nproc, ["infer", "--params", str(params_path), "--out", str(results_dir),
+                                   *(["--timings", str(timings_path)] if timings_path else [])], infer_cfg.nnodes)
+        return _read_results(results_dir, timings_path)
     device = device_for(infer_cfg.device)
     init_process_group(device)
     scratch = results_dir / ".fusion_inputs"  # each process's float outputs, for the fusion on rank 0
@@ -117,7 +113,7 @@ def run_inference(infer_cfg: InferConfig, train_cfg: TrainConfig, data_cfg: Data
         mine = manifest.iloc[rank::world]  # the same images on every rerun, whatever the process count
         for row in tqdm(mine.itertuples(), total=len(mine), desc=f"infer {split}", unit="img", disable=rank != 0):
             lr = read_image(Path(data_cfg.root) / row.lr_path)
-            x = _to_tensor(lr, device)
+            x = image_to_tensor(lr, device)
             for m, net in nets.items():
                 seed = infer_cfg.seed * 100_003 + int(row.id)
 
@@ -142,13 +138,13 @@ def run_inference(infer_cfg: InferConfig, train_cfg: TrainConfig, data_cfg: Data
                                             infer_cfg.tile_overlap, infer_cfg.tile_batch, per_tile)[0]
                     outputs[f"{m}{'+SE' if infer_cfg.self_ensemble else ''}+MW"] = timed("mw", mw)
                 for method, y in outputs.items():
-                    arr = _to_float255(y)
-                    write_png(results_dir / split / method / f"{row.id}x{scale}.png", fuse(arr, arr, 1.0))
+                    write_png(results_dir / split / method / f"{row.id}x{scale}.png",
+                              float255_to_uint8(tensor_to_float255(y)))
                 # the most complete configuration of each model feeds the fusion. The model computes in float32,
                 # so storing float32 loses nothing.
                 best = scratch / split / m / f"{row.id}.npy"
                 best.parent.mkdir(parents=True, exist_ok=True)
-                np.save(best, _to_float255(list(outputs.values())[-1]).astype(np.float32))
+                np.save(best, tensor_to_float255(list(outputs.values())[-1]).astype(np.float32))
     if "mw" in timings:
         timings[[k for k in METHOD_ORDER(infer_cfg) if k.endswith("+MW")][0]] = timings.pop("mw")
     scratch.mkdir(parents=True, exist_ok=True)
@@ -158,19 +154,26 @@ def run_inference(infer_cfg: InferConfig, train_cfg: TrainConfig, data_cfg: Data
         timings = _merge_timings([json.loads(f.read_text()) for f in sorted(scratch.glob("timings.rank*.json"))])
         _fuse_and_write(infer_cfg, data_cfg, splits, scratch, results_dir, timings, log)
         shutil.rmtree(scratch)
+        (results_dir / "timings.json").unlink(missing_ok=True)  # written by earlier versions, now timings_path
+        (results_dir / "methods.json").write_text(json.dumps({"methods": METHOD_ORDER(infer_cfg)}, indent=2) + "\n")
+        if timings_path is not None:
+            Path(timings_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(timings_path).write_text(json.dumps(timings, indent=2) + "\n")
     barrier()
-    return _read_results(results_dir)
+    return {**_read_results(results_dir, timings_path), **({"timings": timings} if rank == 0 else {})}
 
 
-def _read_results(results_dir: Path) -> dict:
-    fusion = results_dir / "fusion.json"
-    return {"timings": json.loads((results_dir / "timings.json").read_text()),
-            "fusion": json.loads(fusion.read_text()) if fusion.exists() else {}}
+def _read_results(results_dir: Path, timings_path: str | Path | None = None) -> dict:
+    fusion, timings = results_dir / "fusion.json", Path(timings_path) if timings_path else None
+    return {"methods": json.loads((results_dir / "methods.json").read_text())["methods"],
+            "fusion": json.loads(fusion.read_text()) if fusion.exists() else {},
+            "timings": json.loads(timings.read_text()) if timings is not None and timings.exists() else {}}
 
 
 def _fuse_and_write(infer_cfg: InferConfig, data_cfg: DataConfig, splits: dict, scratch: Path, results_dir: Path,
                     timings: dict, log) -> None:
-    """Fit the fusion weight on validation, write the fused images, ``fusion.json`` and ``timings.json``."""
+    """Fit the fusion weight on validation, write the fused images and ``fusion.json``; complete ``timings``
+    (seconds per image, peak memory) in place."""
     scale = data_cfg.scale
     fusion_path = results_dir / "fusion.json"
     fusion_path.unlink(missing_ok=True)
@@ -211,5 +214,6 @@ def _fuse_and_write(infer_cfg: InferConfig, data_cfg: DataConfig, splits: dict, 
         chosen = [[k for k in METHOD_ORDER(infer_cfg) if k.startswith(m)][-1] for m in infer_cfg.models]
         timings["fused"]["seconds_per_image"] += sum(timings[b]["seconds_per_image"] for b in chosen)
         timings["fused"]["peak_mb"] = max(timings[b]["peak_mb"] for b in chosen)
-    timings = {k: timings[k] for k in METHOD_ORDER(infer_cfg) if k in timings}  # the table's row order
-    (results_dir / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    ordered = {k: timings[k] for k in METHOD_ORDER(infer_cfg) if k in timings}  # the table's row order
+    timings.clear()
+    timings.update(ordered)

@@ -16,9 +16,8 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from smt.data.images import IMAGE_SUFFIXES, ImageError, read_image, write_png
+from smt.data.images import IMAGE_SUFFIXES, ImageError, image_to_tensor, read_image, tensor_to_image, write_png
 from smt.infer.ensemble import self_ensemble
-from smt.infer.fusion import fuse
 from smt.infer.precision import Precision, with_precision
 from smt.infer.tiling import tiled_forward
 from smt.models import ARCHITECTURES, CheckpointError, build_model, load_weights
@@ -98,13 +97,12 @@ def upscale_files(files: Sequence[Path], out_dir: str | Path, net: torch.nn.Modu
         except ImageError as exc:
             skipped.append((f, str(exc)))
             continue
-        x = torch.from_numpy(lr).permute(2, 0, 1)[None].float().div(255).to(device)
+        x = image_to_tensor(lr, device)
         torch.manual_seed(seed)
         with torch.no_grad():
             base = with_precision(net, precision)
             fwd = (lambda t: self_ensemble(base, t)) if use_self_ensemble else base
             y = tiled_forward(fwd, x, scale, tile, overlap)
-        arr = (y[0].clamp(0, 1) * 255).permute(1, 2, 0).double().cpu().numpy()
-        write_png(target, fuse(arr, arr, 1.0))
+        write_png(target, tensor_to_image(y))
         written.append(target)
     return UpscaleSummary(written, skipped)

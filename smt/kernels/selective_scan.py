@@ -10,8 +10,10 @@ For channel ``d``, state ``n`` and position ``l``::
 Computation is in float32 (float64 when the inputs are float64); the output has ``u``'s dtype.
 
 Implementations, chosen by :func:`selective_scan` (``impl="auto"``):
-- CUDA: mamba_ssm's kernel when it imports; otherwise ours in Triton (:mod:`smt.kernels.triton_scan`, forward
-  and backward); the reference only where neither is available.
+- CUDA: mamba_ssm's kernel when its compiled extension (``selective_scan_cuda``) loads; otherwise ours in Triton
+  (:mod:`smt.kernels.triton_scan`, forward and backward); the reference only where neither is available. The
+  choice is made once per process and said by :func:`cuda_scan_backend` (``python -m smt check`` prints it); a
+  backend that fails on its first call is dropped for the next one, with a warning.
 - CPU: :func:`selective_scan_cpu`, a C kernel (``csrc/selective_scan.c``; SIMD over channels, Python threads
   over channel blocks) with a hand-written backward, built at first use. Why C and not a chunked parallel scan
   in PyTorch: the recurrence is memory-bound, and
@@ -22,16 +24,18 @@ Implementations, chosen by :func:`selective_scan` (``impl="auto"``):
 """
 from __future__ import annotations
 
-from typing import Literal
-
+import importlib
+import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 
 from smt.kernels.cpu_build import build_error, load_library
 
-__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_cpu", "ScanImpl"]
+__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_cpu", "ScanImpl", "cuda_scan_backend"]
 
 ScanImpl = Literal["auto", "reference", "cpu", "triton"]
 
@@ -254,22 +258,107 @@ def _triton_fn():
     return selective_scan_triton
 
 
-def _mamba_ssm_fn():
+def _mamba_ssm_fn() -> tuple[Callable | None, str]:
+    """mamba_ssm's ``selective_scan_fn`` and why, or None and why not. Current mamba_ssm imports without its
+    CUDA extension and fails only on the first call, so the extension is imported here on its own."""
+    try:
+        importlib.import_module("selective_scan_cuda")
+    except Exception as exc:  # noqa: BLE001 (an ABI mismatch raises OSError or RuntimeError, not ImportError)
+        return None, f"mamba_ssm's CUDA extension selective_scan_cuda does not load ({type(exc).__name__}: {exc})"
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception:  # not installed, or its compiled extension does not load (always on CPU machines)
-        return None
-    return selective_scan_fn
+    except Exception as exc:  # noqa: BLE001
+        return None, f"mamba_ssm does not import ({type(exc).__name__}: {exc})"
+    return selective_scan_fn, "mamba_ssm with its CUDA extension selective_scan_cuda"
+
+
+@dataclass
+class _Backend:
+    name: Literal["mamba_ssm", "triton", "reference"]
+    reason: str
+    fn: Callable = field(repr=False)
+    proven: bool = False  # has run once; from then on its errors are the caller's, not a reason to switch
+
+
+_CUDA_BACKENDS: list[_Backend] | None = None  # the usable CUDA backends, preferred first; resolved once
+
+
+def _resolve_cuda_backends() -> list[_Backend]:
+    skipped = []
+    backends = []
+    mamba, why = _mamba_ssm_fn()
+    if mamba is not None:
+        backends.append(_Backend("mamba_ssm", why, mamba))
+    else:
+        skipped.append(why)
+    triton_fn = _triton_fn()
+    if triton_fn is not None:
+        backends.append(_Backend("triton", _because(skipped, "our Triton kernel"), triton_fn))
+    else:
+        skipped.append("Triton is not installed")
+    backends.append(_Backend("reference", _because(skipped, "the PyTorch reference loop (slow)"), selective_scan_ref))
+    return backends
+
+
+def _because(skipped: list[str], choice: str) -> str:
+    return f"{'; '.join(skipped)}: using {choice}" if skipped else choice
+
+
+def _cuda_backends(refresh: bool = False) -> list[_Backend]:
+    global _CUDA_BACKENDS
+    if _CUDA_BACKENDS is None or refresh:
+        _CUDA_BACKENDS = _resolve_cuda_backends()
+    return _CUDA_BACKENDS
+
+
+def cuda_scan_backend(refresh: bool = False) -> tuple[str, str]:
+    """(name, reason) of the selective scan that CUDA tensors use in this process: ``mamba_ssm``, ``triton``
+    or ``reference``. Resolved at the first call and cached (``refresh`` resolves again)."""
+    best = _cuda_backends(refresh)[0]
+    return best.name, best.reason
+
+
+def _scan_cuda(*args):
+    """Run the preferred CUDA backend. One that fails before it has ever succeeded, where a later one succeeds,
+    is dropped for good (with a warning); an error every backend gives is the input's and is raised as is."""
+    backends = _cuda_backends()
+    first = backends[0]
+    try:
+        out = first.fn(*args)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        if first.proven:
+            raise
+        for i, nxt in enumerate(backends[1:], start=1):
+            try:
+                out = nxt.fn(*args)
+            except Exception:  # noqa: BLE001
+                continue
+            del backends[:i]
+            nxt.proven = True
+            nxt.reason = f"{first.name} failed on its first call ({type(exc).__name__}: {exc}): using {nxt.name}"
+            warnings.warn(f"selective scan: {first.name} failed ({type(exc).__name__}: {exc}); "
+                          f"using {nxt.name} instead", RuntimeWarning, stacklevel=3)
+            return out
+        raise
+    first.proven = True
+    return out
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False, impl: ScanImpl = "auto"):
-    """Dispatch: ``"auto"`` = on CUDA mamba_ssm when importable, else our Triton kernel; on CPU the C kernel;
-    else the reference. ``"triton"`` forces the Triton kernel (CPU tensors need ``TRITON_INTERPRET=1``)."""
+    """Dispatch: ``"auto"`` = on CUDA :func:`cuda_scan_backend`'s choice (mamba_ssm when its CUDA extension
+    loads, else our Triton kernel, else the reference); on CPU the C kernel, else the reference. ``"triton"``
+    forces the Triton kernel (CPU tensors need ``TRITON_INTERPRET=1``); ``"cpu"`` the C kernel (CPU tensors)."""
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if impl == "reference":
         return selective_scan_ref(*args)
     if impl == "cpu":
+        elsewhere = sorted({str(t.device) for t in args[:8] if isinstance(t, torch.Tensor) and t.device.type != "cpu"})
+        if elsewhere:
+            raise ValueError(f"selective scan impl 'cpu' runs a C kernel on CPU memory, but got tensors on "
+                             f"{', '.join(elsewhere)}; use impl='auto' or move the tensors to the CPU")
         if A.shape[1] > _MAX_STATE:
             raise ValueError(f"the CPU selective-scan kernel supports d_state <= {_MAX_STATE}, got {A.shape[1]}")
         if load_library() is None:
@@ -283,10 +372,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if impl != "auto":
         raise ValueError(f"unknown selective scan impl {impl!r} (valid: 'auto', 'reference', 'cpu', 'triton')")
     if u.is_cuda:
-        fn = _mamba_ssm_fn() or _triton_fn()
-        if fn is not None:
-            return fn(*args)
-        return selective_scan_ref(*args)
+        return _scan_cuda(*args)
     if _cpu_kernel_ok(u, A):
         return selective_scan_cpu(*args)
     return selective_scan_ref(*args)

@@ -10,8 +10,12 @@ PyTorch (fused by the GPU's own kernels), so the Triton part is exactly :class:`
 core recurrence and is compared with the reference in the tests.
 
 Runs wherever Triton runs: CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the CPU tests check it).
+Triton launches on the *current* CUDA device, so every launch runs under the input's device (:func:`_on_device`):
+on rank k of a multi-GPU job the kernel runs on GPU k, where its pointers live.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +112,11 @@ def _scan_bwd(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, dy_ptr, hs_ptr, work_ptr,
     tl.atomic_add(da_ptr + d[:, None] * N + n[None, :], da, mask=m2)
 
 
+def _on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``x``'s GPU the current device for a kernel launch (a no-op for CPU tensors)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _launch_dims(batch: int, dim: int, nstate: int) -> tuple[int, int, int]:
     block_n = max(triton.next_power_of_2(nstate), 2)
     block_d = max(2, min(32, triton.next_power_of_2(dim), 2048 // block_n))
@@ -126,8 +135,9 @@ class _TritonScan(torch.autograd.Function):
         y = torch.empty_like(u)
         last = u.new_empty(batch, dim, nstate)
         hs = u.new_empty(batch, nchunk, dim, nstate)
-        _scan_fwd[(batch, nblock)](u, dt, A, B, C, y, last, hs, length, dim, nstate, groups, nchunk,
-                                   CHUNK=_CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
+        with _on_device(u):
+            _scan_fwd[(batch, nblock)](u, dt, A, B, C, y, last, hs, length, dim, nstate, groups, nchunk,
+                                       CHUNK=_CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
         ctx.save_for_backward(u, dt, A, B, C, hs)
         ctx.mark_non_differentiable(last)
         return y, last
@@ -143,9 +153,10 @@ class _TritonScan(torch.autograd.Function):
         du, ddt = torch.empty_like(u), torch.empty_like(dt)
         dA, dB, dC = torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(C)
         work = u.new_empty(batch * nblock * (_CHUNK + 1) * block_d * block_n)
-        _scan_bwd[(batch, nblock)](u, dt, A, B, C, dy, hs, work, du, ddt, dA, dB, dC,
-                                   length, dim, nstate, groups, nchunk, nblock,
-                                   CHUNK=_CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
+        with _on_device(u):
+            _scan_bwd[(batch, nblock)](u, dt, A, B, C, dy, hs, work, du, ddt, dA, dB, dC,
+                                       length, dim, nstate, groups, nchunk, nblock,
+                                       CHUNK=_CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
         return du, ddt, dA, dB, dC
 
 

@@ -3,7 +3,8 @@
 Methods are bicubic (computed here, the floor) and every folder ``results/<split>/<method>/`` that the inference
 stage wrote. Outputs: ``per_image.csv`` (one row per split, method and image), ``reports/metrics.json`` (means,
 for ``dvc metrics show``), ``crops.png`` (zoomed crops, HR first), ``fusion.png`` (PSNR-Y against the fusion
-weight) and ``reports/index.html``. Time per image and peak memory come from ``results/timings.json``.
+weight), ``gains.png`` (per-image gain over bicubic) and ``reports/index.html``; method order from
+``results/methods.json``. Wall-clock figures stay out of these outputs (``timings/``), so a rerun is byte-identical.
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def _gain_chart(gains: pd.DataFrame, path: Path) -> Path | None:
         return None
     splits = list(gains["split"].unique())
     methods = list(gains["method"].unique())
-    fig, axes = plt.subplots(1, len(splits), figsize=(4.8 * len(splits), 3.2), squeeze=False,
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.8 * len(splits), 3.2), squeeze=False, sharey=True,
                              gridspec_kw={"width_ratios": [gains[gains.split == s]["id"].nunique() + 1
                                                            for s in splits]})
     width = 0.8 / len(methods)
@@ -137,15 +138,15 @@ def _fusion_plot(fusion: dict, path: Path) -> Path | None:
 
 
 def run_evaluation(data_cfg: DataConfig, report_cfg: ReportConfig, results_dir: str | Path = "results",
-                   out_dir: str | Path = "reports/report", reports_dir: str | Path = "reports") -> EvaluationResult:
+                   out_dir: str | Path = "reports/report", reports_dir: str | Path = "reports",
+                   params_path: str | Path = "params.yaml") -> EvaluationResult:
     protocol = get_protocol(report_cfg.protocol)
     root, results_dir, out_dir = Path(data_cfg.root), Path(results_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frames, crop_rows, psnr_of = [], [], {}
     num_images, sources = {}, {}
-    timings_path = results_dir / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    order = list(timings)
+    methods_path = results_dir / "methods.json"  # the inference stage's methods in table order
+    order = json.loads(methods_path.read_text())["methods"] if methods_path.exists() else []
     for split in ("valid", "test"):
         manifest = read_manifest(root, split)
         if manifest.empty:
@@ -179,10 +180,6 @@ def run_evaluation(data_cfg: DataConfig, report_cfg: ReportConfig, results_dir: 
     metrics: dict = {"protocol": protocol.name, "num_images": num_images}
     for split, df in per_image.groupby("split", sort=False):
         metrics[split] = {m: summarize(g) for m, g in df.groupby("method", sort=False)}
-        for m, v in metrics[split].items():
-            if m in timings:
-                v["seconds_per_image"] = timings[m]["seconds_per_image"]
-                v["peak_mb"] = timings[m]["peak_mb"]
     fusion_path = results_dir / "fusion.json"
     fusion = json.loads(fusion_path.read_text()) if fusion_path.exists() else {}
     if fusion:
@@ -203,6 +200,8 @@ def run_evaluation(data_cfg: DataConfig, report_cfg: ReportConfig, results_dir: 
     data_note = (f"{data_cfg.source} profile, x{data_cfg.scale}; LR = MATLAB-bicubic (antialiased) downscale of "
                  f"the HR images, rounded to uint8; " +
                  ", ".join(f"{n} {s} images" for s, n in num_images.items()) + f" under {data_cfg.root}")
-    index_html = write_index(reports_dir, metrics, protocol.describe(), data_note)
+    from smt.pipeline import stage_definitions
+
+    index_html = write_index(reports_dir, metrics, protocol.describe(), data_note, list(stage_definitions(params_path)))
     return EvaluationResult(per_image, metrics, protocol.describe(), crops_png, index_html, fusion_png, gains_png,
                             note)

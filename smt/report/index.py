@@ -4,7 +4,7 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 __all__ = ["write_index", "write_metrics", "STAGE_TITLES"]
 
@@ -31,43 +31,35 @@ def _title(stage: str) -> str:
 
 
 def _table(summary: Mapping[str, Mapping[str, float]]) -> str:
-    head = ("<tr><th>method</th><th>PSNR-Y (dB)</th><th>SSIM-Y</th><th>PSNR-RGB (dB)</th><th>SSIM-RGB</th>"
-            "<th>colour shift<br>mean / max</th><th>s / image</th><th>peak MB</th></tr>")
+    head = ("<tr><th>method</th><th>PSNR-Y (dB)<br>(gain over bicubic)</th><th>SSIM-Y</th><th>PSNR-RGB (dB)</th><th>SSIM-RGB</th>"
+            "<th>colour shift<br>mean / max</th></tr>")
     opt = lambda v, k, f: format(v[k], f) if k in v else "&ndash;"  # noqa: E731
+    floor = summary.get("bicubic", {}).get("psnr_y")
+    gain = lambda m, v: f" ({v['psnr_y'] - floor:+.2f})" if floor is not None and m != "bicubic" else ""  # noqa: E731
     body = "".join(
-        f"<tr><td>{html.escape(m)}</td><td>{v['psnr_y']:.3f}</td><td>{v['ssim_y']:.4f}</td>"
+        f"<tr><td>{html.escape(m)}</td><td>{v['psnr_y']:.3f}{gain(m, v)}</td><td>{v['ssim_y']:.4f}</td>"
         f"<td>{v['psnr_rgb']:.3f}</td><td>{v['ssim_rgb']:.4f}</td>"
-        f"<td>{opt(v, 'color_shift', '.2f')} / {opt(v, 'color_shift_max', '.2f')}</td>"
-        f"<td>{opt(v, 'seconds_per_image', '.2f')}</td><td>{opt(v, 'peak_mb', '.0f')}</td></tr>"
+        f"<td>{opt(v, 'color_shift', '.2f')} / {opt(v, 'color_shift_max', '.2f')}</td></tr>"
         for m, v in summary.items()
     )
     return f"<table>{head}{body}</table>"
 
 
 def write_index(reports_dir: str | Path, metrics: Mapping, protocol: str, data_note: str,
-                writing_stage: str = "report") -> Path:
+                stages: Sequence[str]) -> Path:
     """Write ``reports_dir/index.html`` from the metrics dict (``metrics['valid'][method][metric]``).
 
-    Links every ``reports_dir/<stage>/<stage>.html`` present, plus ``writing_stage``'s, whose HTML is exported
-    after its notebook (the caller) finishes.
+    Links the report of every stage in ``stages`` (the pipeline's, in its order) and of every ablation. The page
+    depends on nothing but its arguments (not on which reports happen to exist yet), so a rerun writes the
+    same bytes; ablation links work once their stages have run (``dvc repro ablation_...``).
     """
     reports_dir = Path(reports_dir)
-    found = {p.parent.name: p for p in sorted(reports_dir.glob("*/*.html")) if p.stem == p.parent.name}
-    found.setdefault(writing_stage, reports_dir / writing_stage / f"{writing_stage}.html")
-    trains = sorted(s for s in found if s.startswith("train_"))
-    order = [s for s in ("data", "select") if s in found] + trains + [s for s in ("infer", "report") if s in found]
-    order += sorted(set(found) - set(order) - set(ABLATIONS))
     links = "".join(
-        f'<li><a href="{html.escape(found[s].relative_to(reports_dir).as_posix())}">'
-        f"{html.escape(_title(s))}</a></li>"
-        for s in order
+        f'<li><a href="{html.escape(s)}/{html.escape(s)}.html">{html.escape(_title(s))}</a></li>'
+        for s in stages if s not in ABLATIONS
     )
-    # ablations run on demand; their links are written even before they exist (relative, so they work after)
-    ablation_links = "".join(
-        f'<li><a href="{s}/{s}.html">{html.escape(_title(s))}</a>'
-        + ("" if s in found else f" <small>(not run yet: <code>dvc repro {s}</code>)</small>") + "</li>"
-        for s in ABLATIONS
-    )
+    ablation_links = "".join(f'<li><a href="{s}/{s}.html">{html.escape(_title(s))}</a> <small>(<code>dvc repro {s}'
+                             f'</code>)</small></li>' for s in ABLATIONS)
     tables = "".join(
         f"<h2>{html.escape(split)} images ({metrics.get('num_images', {}).get(split, '?')})</h2>{_table(summary)}"
         for split, summary in metrics.items()
@@ -87,7 +79,8 @@ td,th{{border:1px solid #bbb;padding:.3em .7em;text-align:right}}td:first-child{
 weights. +SE: x8 geometric self-ensemble. +MW: the tiled result at several window sizes, averaged with weights.
 fused: the two models' most complete configurations mixed with the weight fit on the validation images
 {('(weight ' + format(metrics['fusion_weight'], '.2f') + ')') if 'fusion_weight' in metrics else ''}.
-Time and memory: this machine, in this run.</p>
+Time per image and peak memory are measured per run and kept out of these pages (they differ between runs):
+see <code>timings/infer.json</code> beside <code>reports/</code>.</p>
 {tables}
 <h2>Stage reports</h2><ul>{links}</ul>
 <h2>Ablations</h2><ul>{ablation_links}</ul>

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-__all__ = ["EMA", "atomic_save", "rng_state", "set_rng_state", "save_safetensors"]
+__all__ = ["EMA", "atomic_save", "rng_state", "set_rng_state", "save_safetensors", "safetensors_bytes"]
 
 
 class EMA:
@@ -57,15 +57,33 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+def safetensors_bytes(state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The ``.safetensors`` encoding of ``state_dict`` with a canonical header: the same tensors and metadata
+    always give the same bytes. (``safetensors`` writes the metadata in hash-map order, which changes from one
+    process to the next; the header is re-serialised here with sorted keys and padded as the format requires.
+    Tensor data offsets are relative to the end of the header, so they stay valid.)"""
+    import json
+    import struct
 
+    from safetensors.torch import save
+
+    raw = save({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, metadata=dict(metadata))
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + raw[8 + n:]
+
+
+def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Write :func:`safetensors_bytes` atomically (a temporary file renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = safetensors_bytes(state_dict, metadata)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp, metadata=metadata)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -4,17 +4,20 @@ The sampler draws every random choice of a *global* batch (image, crop corner, f
 generator seeded by ``(seed, step)``; each DDP rank takes its slice of the batch. So the data is a function of
 the step alone: independent of the number of loader workers and processes, unaffected by prefetching, and a
 run resumed at step k sees exactly the batches an uninterrupted run sees. The dataset only applies those
-choices to images held in memory. Colour augmentations (``train.augment``, :mod:`smt.data.augment`) are drawn
-after the crops and flips from the same generator, so with them off the draws are those of the paper's recipe.
+choices to images it decodes on demand (a small per-process cache keeps the recently used ones). Colour
+augmentations (``train.augment``, :mod:`smt.data.augment`) are drawn after the crops and flips from the same
+generator, so with them off the draws are those of the paper's recipe.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import pandas as pd
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
 from smt.data.augment import PERMUTATIONS, color_matrix, degrade_patch
@@ -57,10 +60,17 @@ def read_subset(path: str | Path) -> list[str]:
 
 
 class PairedPatchDataset(Dataset):
-    """(LR patch ``p x p``, HR patch ``sp x sp``) pairs from a data split, aligned; images kept in memory."""
+    """(LR patch ``p x p``, HR patch ``sp x sp``) pairs from a data split, aligned.
+
+    Images are read lazily: the constructor keeps only paths and sizes (from the manifest, or the image header
+    where the manifest has none) and checks them; ``__getitem__`` decodes the image its patch comes from and
+    keeps the last ``cache_images`` decoded LR/HR pairs (least recently used first out) in this process. So the
+    resident memory is bounded by the cache, not the split's size, and each DataLoader worker holds its own."""
 
     def __init__(self, root: str | Path, split: str, patch_size: int, scale: int,
-                 subset: Sequence[str] | None = None) -> None:
+                 subset: Sequence[str] | None = None, cache_images: int = 32) -> None:
+        if cache_images < 1:
+            raise ValueError(f"cache_images must be >= 1, got {cache_images}")
         manifest = read_manifest(root, split)
         if subset is not None:
             missing = sorted(set(subset) - set(manifest["id"]))
@@ -69,37 +79,85 @@ class PairedPatchDataset(Dataset):
             manifest = manifest.set_index("id").loc[list(subset)].reset_index()
         if manifest.empty:
             raise ValueError(f"no training images in {root} split {split!r}")
-        self.patch_size, self.scale = patch_size, scale
+        self.root, self.patch_size, self.scale, self.cache_images = Path(root), patch_size, scale, cache_images
         self.ids = manifest["id"].tolist()
-        self.lr, self.hr = [], []
-        for row in manifest.itertuples():
-            lr, hr = read_image(Path(root) / row.lr_path), read_image(Path(root) / row.hr_path)
-            if hr.shape[0] != lr.shape[0] * scale or hr.shape[1] != lr.shape[1] * scale:
-                raise ValueError(f"{row.hr_path}: HR {hr.shape[:2]} is not x{scale} of LR {lr.shape[:2]}")
-            if min(lr.shape[:2]) < patch_size:
-                raise ValueError(f"{row.lr_path}: LR {lr.shape[1]}x{lr.shape[0]} is smaller than the patch "
-                                 f"size {patch_size}")
-            self.lr.append(torch.from_numpy(lr).permute(2, 0, 1).contiguous())
-            self.hr.append(torch.from_numpy(hr).permute(2, 0, 1).contiguous())
+        self.lr_paths: list[str] = manifest["lr_path"].tolist()
+        self.hr_paths: list[str] = manifest["hr_path"].tolist()
+        self.lr_sizes: list[tuple[int, int]] = []
+        self.hr_sizes: list[tuple[int, int]] = []
+        for i, row in enumerate(manifest.to_dict("records")):
+            lr, hr = _manifest_size(self.root, row, "lr"), _manifest_size(self.root, row, "hr")
+            if hr != (lr[0] * scale, lr[1] * scale):
+                raise ValueError(f"{row['hr_path']}: HR {hr} is not x{scale} of LR {lr}")
+            if min(lr) < patch_size:
+                raise ValueError(f"{row['lr_path']}: LR {lr[1]}x{lr[0]} is smaller than the patch size {patch_size}")
+            self.lr_sizes.append(lr)
+            self.hr_sizes.append(hr)
+        self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self.lr)
+        return len(self.ids)
 
     def sizes(self) -> list[tuple[int, int]]:
-        return [tuple(t.shape[-2:]) for t in self.lr]
+        """LR (height, width) per image, as the sampler needs them."""
+        return list(self.lr_sizes)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cache"] = OrderedDict()  # a spawned DataLoader worker starts with an empty cache
+        return state
+
+    def images(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image ``index`` as (LR, HR) uint8 (3, H, W) tensors, from the cache or decoded now."""
+        pair = self._cache.get(index)
+        if pair is not None:
+            self._cache.move_to_end(index)
+            return pair
+        pair = tuple(self._decode(index, kind) for kind in ("lr", "hr"))
+        self._cache[index] = pair
+        while len(self._cache) > self.cache_images:
+            self._cache.popitem(last=False)
+        return pair
+
+    def _decode(self, index: int, kind: str) -> torch.Tensor:
+        path = self.root / (self.lr_paths if kind == "lr" else self.hr_paths)[index]
+        img = read_image(path)
+        expected = (self.lr_sizes if kind == "lr" else self.hr_sizes)[index]
+        if img.shape[:2] != expected:
+            raise ValueError(f"{path}: image is {img.shape[1]}x{img.shape[0]} but the manifest says "
+                             f"{expected[1]}x{expected[0]}; rerun the data stage")
+        return torch.from_numpy(img).permute(2, 0, 1).contiguous()
 
     def __getitem__(self, spec: PatchSpec) -> tuple[torch.Tensor, torch.Tensor]:
         p, s = self.patch_size, self.scale
+        lr_img, hr_img = self.images(spec.image)
         if spec.color is None:
-            lr = self.lr[spec.image][:, spec.top:spec.top + p, spec.left:spec.left + p]
-            hr = self.hr[spec.image][:, s * spec.top:s * (spec.top + p), s * spec.left:s * (spec.left + p)]
+            lr = lr_img[:, spec.top:spec.top + p, spec.left:spec.left + p]
+            hr = hr_img[:, s * spec.top:s * (spec.top + p), s * spec.left:s * (spec.left + p)]
         else:  # the LR is re-made from the colour-transformed HR (exactly what degrading the whole image gives)
-            lr_np, hr_np = degrade_patch(self.hr[spec.image].permute(1, 2, 0).numpy(), spec.top, spec.left, p, s,
+            lr_np, hr_np = degrade_patch(hr_img.permute(1, 2, 0).numpy(), spec.top, spec.left, p, s,
                                          color_matrix(*spec.color))
             lr, hr = (torch.from_numpy(a).permute(2, 0, 1) for a in (lr_np, hr_np))
         if spec.channels != (0, 1, 2):
             lr, hr = lr[list(spec.channels)], hr[list(spec.channels)]
         return augment(lr, spec).float() / 255.0, augment(hr, spec).float() / 255.0
+
+
+def _manifest_size(root: Path, row: dict, kind: str) -> tuple[int, int]:
+    """(height, width) of a manifest row's ``kind`` image: the manifest's columns, or the file's header where
+    they are absent or empty (older manifests)."""
+    h, w = row.get(f"{kind}_height"), row.get(f"{kind}_width")
+    try:
+        if h not in (None, "") and w not in (None, ""):
+            return int(h), int(w)
+    except (TypeError, ValueError):
+        pass
+    path = root / row[f"{kind}_path"]
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ValueError(f"{path}: cannot read the image size ({exc})") from None
 
 
 class GlobalBatchSampler(Sampler):

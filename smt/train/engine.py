@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from smt.data.dataset_builder import read_manifest
 from smt.distributed import barrier, device_for, dist_info, init_process_group
-from smt.data.images import read_image
+from smt.data.images import image_to_tensor, read_image, tensor_to_image
 from smt.evaluate import bicubic_upscale
 from smt.metrics import NTIRE2025, evaluate_pair
 from smt.models import build_model, load_weights
@@ -58,8 +58,8 @@ def run_dir(cfg: TrainConfig, model: str, round_: int, stage: str) -> Path:
 
 
 def tensor_to_uint8(x: torch.Tensor):
-    """(3, H, W) float in [0, 1] -> uint8 HxWx3, rounded (not truncated)."""
-    return (x.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    """(3, H, W) float in [0, 1] -> uint8 HxWx3 by the pipeline's one rule (:func:`smt.data.images.tensor_to_image`)."""
+    return tensor_to_image(x)
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -75,7 +75,18 @@ def _lr_at(stage_lr: float, milestones: tuple[int, ...], gamma: float, step: int
 
 @torch.no_grad()
 def validate(model: torch.nn.Module, root: str, scale: int, device: torch.device, max_side: int = 0) -> dict:
-    """Mean PSNR-Y (NTIRE2025 protocol) of ``model`` and of bicubic on the validation split."""
+    """Mean PSNR-Y (NTIRE2025 protocol) of ``model`` and of bicubic on the validation split.
+
+    Runs on a forked RNG seeded with 0: a model that draws random numbers in eval mode (MambaIRv2's Gumbel
+    routing) gets the same noise at every validation, and training's random stream does not depend on how often
+    it validates (``train.val_every`` is an execution setting)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        return _validate(model, root, scale, device, max_side)
+
+
+def _validate(model: torch.nn.Module, root: str, scale: int, device: torch.device, max_side: int) -> dict:
     model.eval()
     ours, bic = [], []
     for row in read_manifest(root, "valid").itertuples():
@@ -84,8 +95,7 @@ def validate(model: torch.nn.Module, root: str, scale: int, device: torch.device
             h, w = min(lr.shape[0], max_side), min(lr.shape[1], max_side)
             t, l = (lr.shape[0] - h) // 2, (lr.shape[1] - w) // 2
             lr, hr = lr[t:t + h, l:l + w], hr[scale * t:scale * (t + h), scale * l:scale * (l + w)]
-        x = torch.from_numpy(lr).permute(2, 0, 1)[None].float().div(255).to(device)
-        sr = tensor_to_uint8(model(x)[0])
+        sr = tensor_to_image(model(image_to_tensor(lr, device)))
         ours.append(evaluate_pair(sr, hr, NTIRE2025)["psnr_y"])
         bic.append(evaluate_pair(bicubic_upscale(lr, scale), hr, NTIRE2025)["psnr_y"])
     return {"psnr_y": sum(ours) / len(ours), "bicubic_psnr_y": sum(bic) / len(bic)}

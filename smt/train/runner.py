@@ -2,6 +2,7 @@
 its report (loss curves, validation PSNR against bicubic, visual crops)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,28 +15,40 @@ import torch  # noqa: E402
 
 from smt.config import DataConfig, load_section  # noqa: E402
 from smt.data.dataset_builder import read_manifest  # noqa: E402
-from smt.data.images import read_image  # noqa: E402
+from smt.data.images import image_to_tensor, read_image, tensor_to_image  # noqa: E402
 from smt.distributed import torchrun  # noqa: E402
 from smt.evaluate import bicubic_upscale  # noqa: E402
 from smt.models import build_model, load_weights  # noqa: E402
 from smt.report.figures import save_crop_grid, save_figure  # noqa: E402
 from smt.train.config import TrainConfig  # noqa: E402
-from smt.train.engine import StageResult, run_dir, tensor_to_uint8, train_stage  # noqa: E402
+from smt.train.engine import run_dir, train_stage  # noqa: E402
 
 __all__ = ["run_training_stage", "stage_report", "StageReport", "load_trained"]
 
 
-def run_training_stage(params_path: str, model: str, round_: int, stage: str) -> StageResult | dict:
+def run_training_stage(params_path: str, model: str, round_: int, stage: str,
+                       timings_path: str | Path | None = None) -> dict:
+    """Train (model, round, stage) in-process, or under torchrun when ``train.nproc``/``nnodes`` > 1. Returns the
+    run's ``metrics.json`` (validation PSNR-Y, steps). Wall-clock seconds are a measurement of this run, not a
+    result: they are kept out of the run folder (a DVC output) and written to ``timings_path`` when given."""
     data_cfg: DataConfig = load_section("data", params_path)
     cfg: TrainConfig = load_section("train", params_path)
     if model not in cfg.models:
         raise KeyError(f"unknown model {model!r} (train.models has: {', '.join(cfg.models)})")
     if cfg.nproc == 1 and cfg.nnodes == 1:
-        return train_stage(cfg, model, round_, stage, data_cfg.root, data_cfg.scale)
-    torchrun(cfg.nproc, ["train", "--params", params_path, "--model", model, "--round", str(round_),
-                         "--stage", stage], cfg.nnodes)
-    metrics = run_dir(cfg, model, round_, stage) / "metrics.json"
-    return pd.read_json(metrics, typ="series").to_dict()
+        train_stage(cfg, model, round_, stage, data_cfg.root, data_cfg.scale)
+    else:
+        torchrun(cfg.nproc, ["train", "--params", params_path, "--model", model, "--round", str(round_),
+                             "--stage", stage], cfg.nnodes)
+    path = run_dir(cfg, model, round_, stage) / "metrics.json"
+    metrics = json.loads(path.read_text())
+    if "train_seconds" in metrics:  # the engine writes it beside the results; move it out
+        seconds = metrics.pop("train_seconds")
+        path.write_text(json.dumps(metrics, indent=2) + "\n")
+        if timings_path is not None:
+            Path(timings_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(timings_path).write_text(json.dumps({"train_seconds": seconds}, indent=2) + "\n")
+    return metrics
 
 
 def load_trained(cfg: TrainConfig, model: str, round_: int, stage: str, device: str = "cpu",
@@ -75,7 +88,7 @@ def stage_report(cfg: TrainConfig, data_cfg: DataConfig, model: str, round_: int
     for row in read_manifest(data_cfg.root, "valid").head(num_crops).itertuples():
         lr, hr = read_image(Path(data_cfg.root) / row.lr_path), read_image(Path(data_cfg.root) / row.hr_path)
         with torch.no_grad():
-            sr = tensor_to_uint8(net(torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255)[0])
+            sr = tensor_to_image(net(image_to_tensor(lr)))
         rows.append((row.id, {"HR": hr, "bicubic": bicubic_upscale(lr, data_cfg.scale), model: sr}))
     crops = out_dir / "crops.png"
     save_crop_grid(crops, rows, crop_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,3 +27,33 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+def write_train_split(root: Path, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Write (LR, HR) uint8 pairs as a ``train`` split under ``root``: PNGs and ``manifest_train.csv``."""
+    import pandas as pd
+
+    from smt.data.dataset_builder import MANIFEST_COLUMNS
+    from smt.data.images import write_png
+
+    rows = []
+    for i, (lr, hr) in enumerate(pairs):
+        hr_path, lr_path = f"train_HR/{i:04d}.png", f"train_LR_bicubic/X4/{i:04d}x4.png"
+        write_png(root / hr_path, hr)
+        write_png(root / lr_path, lr)
+        rows.append({"id": f"{i:04d}", "source": "synthetic", "hr_path": hr_path, "lr_path": lr_path,
+                     "hr_height": hr.shape[0], "hr_width": hr.shape[1], "lr_height": lr.shape[0],
+                     "lr_width": lr.shape[1], "hr_sha256": "", "lr_sha256": ""})
+    pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(root / "manifest_train.csv", index=False)
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> str:
+    """A tiny demo data set (48 px photographs): two training images, one validation image."""
+    from smt.config import DataConfig
+    from smt.data.dataset_builder import build_dataset
+
+    root = tmp_path_factory.mktemp("demo") / "d"
+    build_dataset(DataConfig(root=str(root), max_side=48, train_images=("camera", "coins"),
+                             valid_images=("astronaut",)))
+    return str(root)

@@ -1,17 +1,15 @@
 """Colour augmentation: pairs stay exactly consistent with the bicubic degradation; the colour-shift metric."""
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from smt.config import ConfigError, parse_section
 from smt.data.augment import PERMUTATIONS, apply_color, color_matrix, degrade_patch
-from smt.data.dataset_builder import MANIFEST_COLUMNS
-from smt.data.images import write_png
 from smt.data.imresize import bicubic_degrade
 from smt.metrics import NTIRE2025, color_shift, evaluate_pair
 from smt.train.config import AugmentSpec
 from smt.train.data import GlobalBatchSampler, PairedPatchDataset, PatchSpec
+from conftest import write_train_split
 
 
 def _photo_like(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -59,13 +57,7 @@ def test_channel_permutation_commutes_with_the_degradation_exactly():
 def photo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("photo")
     hr = _photo_like(96, 80, seed=7)
-    lr = bicubic_degrade(hr, 4)
-    write_png(root / "train_HR/0000.png", hr)
-    write_png(root / "train_LR_bicubic/X4/0000x4.png", lr)
-    pd.DataFrame([{"id": "0000", "source": "synthetic", "hr_path": "train_HR/0000.png",
-                   "lr_path": "train_LR_bicubic/X4/0000x4.png", "hr_height": 96, "hr_width": 80, "lr_height": 24,
-                   "lr_width": 20, "hr_sha256": "", "lr_sha256": ""}],
-                 columns=MANIFEST_COLUMNS).to_csv(root / "manifest_train.csv", index=False)
+    write_train_split(root, [(bicubic_degrade(hr, 4), hr)])
     return root, hr
 
 

@@ -9,27 +9,23 @@ import torch
 
 import smt.train.data as data_mod
 from smt.data.augment import color_matrix, degrade_patch
-from smt.data.dataset_builder import MANIFEST_COLUMNS
-from smt.data.images import read_image, write_png
+from smt.data.images import read_image
 from smt.train.config import AugmentSpec
 from smt.train.data import GlobalBatchSampler, PairedPatchDataset, PatchSpec, augment
+
+from conftest import write_train_split
 
 NIMAGES = 300
 
 
 def _write_split(root: Path, n: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
+    pairs = []
+    for _ in range(n):
         h, w = int(rng.integers(8, 14)), int(rng.integers(8, 14))
         hr = rng.integers(0, 256, (4 * h, 4 * w, 3), dtype=np.uint8)
-        lr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        write_png(root / f"train_HR/{i:04d}.png", hr)
-        write_png(root / f"train_LR_bicubic/X4/{i:04d}x4.png", lr)
-        rows.append({"id": f"{i:04d}", "source": "synthetic", "hr_path": f"train_HR/{i:04d}.png",
-                     "lr_path": f"train_LR_bicubic/X4/{i:04d}x4.png", "hr_height": 4 * h, "hr_width": 4 * w,
-                     "lr_height": h, "lr_width": w, "hr_sha256": "", "lr_sha256": ""})
-    pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(root / "manifest_train.csv", index=False)
+        pairs.append((rng.integers(0, 256, (h, w, 3), dtype=np.uint8), hr))
+    write_train_split(root, pairs)
 
 
 @pytest.fixture(scope="module")

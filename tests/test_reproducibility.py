@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from smt.config import DataConfig, parse_section
-from smt.data.dataset_builder import build_dataset
+from smt.config import parse_section
 from smt.train.config import AugmentSpec, TrainConfig
 from conftest import REPO
 
@@ -37,14 +36,6 @@ def test_safetensors_bytes_are_the_same_in_every_process(tmp_path):
     assert len(outs[0][8:8 + int.from_bytes(outs[0][:8], "little")]) % 8 == 0  # header padded as the format says
 
 
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny") / "d"
-    build_dataset(DataConfig(root=str(root), max_side=48, train_images=("camera", "coins"),
-                             valid_images=("astronaut",)))
-    return str(root)
-
-
 def _cfg(out_root, **over) -> TrainConfig:
     raw = {"models": {"mambairv2": {"preset": "mambairv2_tiny"}},
            "stages": {"s1": {"patch_size": 8, "batch_size": 2, "loss": "l1", "lr": 1e-3, "iters": 4}},
@@ -54,7 +45,7 @@ def _cfg(out_root, **over) -> TrainConfig:
     return parse_section(TrainConfig, raw, "train")
 
 
-def test_logging_validation_and_checkpoint_cadence_change_no_result(tmp_path, tiny_root, monkeypatch):
+def test_logging_validation_and_checkpoint_cadence_change_no_result(tmp_path, demo_root, monkeypatch):
     """train.log_every / val_every / ckpt_every are execution settings: MambaIRv2 draws Gumbel noise in eval mode,
     and validation used to take it from training's random stream, so validating more often changed the weights."""
     from smt.train.engine import run_dir, train_stage
@@ -66,7 +57,7 @@ def test_logging_validation_and_checkpoint_cadence_change_no_result(tmp_path, ti
         (tmp_path / name).mkdir()
         monkeypatch.chdir(tmp_path / name)  # the same relative out_root: the file records it
         cfg = _cfg("models", **over)
-        train_stage(cfg, "mambairv2", 1, "s1", tiny_root, 4, log=lambda m: None)
+        train_stage(cfg, "mambairv2", 1, "s1", demo_root, 4, log=lambda m: None)
         run = run_dir(cfg, "mambairv2", 1, "s1")
         metrics = json.loads((run / "metrics.json").read_text())
         metrics.pop("train_seconds", None)  # wall-clock (the stage runner moves it out of the run folder)
@@ -75,7 +66,7 @@ def test_logging_validation_and_checkpoint_cadence_change_no_result(tmp_path, ti
     assert files["often"] == files["rarely"]
 
 
-def test_validation_is_seeded_and_leaves_the_training_stream_alone(tiny_root):
+def test_validation_is_seeded_and_leaves_the_training_stream_alone(demo_root):
     from smt.models import build_model
     from smt.train.engine import validate
 
@@ -83,10 +74,10 @@ def test_validation_is_seeded_and_leaves_the_training_stream_alone(tiny_root):
     net = build_model("mambairv2_tiny")  # routing="gumbel": random in eval mode
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    a = validate(net, tiny_root, 4, torch.device("cpu"), 16)
+    a = validate(net, demo_root, 4, torch.device("cpu"), 16)
     assert torch.equal(torch.get_rng_state(), before)
     torch.manual_seed(999)
-    assert validate(net, tiny_root, 4, torch.device("cpu"), 16) == a
+    assert validate(net, demo_root, 4, torch.device("cpu"), 16) == a
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -182,12 +173,12 @@ def test_dvcignore_keeps_working_state_out_of_hashes():
     assert "/timings/" in (REPO / ".gitignore").read_text().split()
 
 
-def test_training_runner_keeps_wall_clock_out_of_the_run_folder(tmp_path, tiny_root):
+def test_training_runner_keeps_wall_clock_out_of_the_run_folder(tmp_path, demo_root):
     import yaml
 
     from smt.train.runner import run_training_stage
 
-    params = {"data": {"root": tiny_root, "train_images": ["camera", "coins"], "valid_images": ["astronaut"]},
+    params = {"data": {"root": demo_root, "train_images": ["camera", "coins"], "valid_images": ["astronaut"]},
               "train": {"models": {"hat": {"preset": "hat_tiny"}},
                         "stages": {"s1": {"patch_size": 8, "batch_size": 2, "loss": "l1", "lr": 1e-3, "iters": 2}},
                         "stage_order": ["s1"], "out_root": str(tmp_path / "models"), "device": "cpu",

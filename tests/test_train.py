@@ -9,15 +9,13 @@ import pytest
 import torch
 import yaml
 
-from smt.config import DataConfig, load_section, parse_section
-from smt.data.dataset_builder import MANIFEST_COLUMNS, build_dataset
-from smt.data.images import write_png
+from smt.config import load_section, parse_section
 from smt.data.imresize import imresize, imresize_torch
 from smt.train.config import TrainConfig
 from smt.train.data import GlobalBatchSampler, PairedPatchDataset, PatchSpec
 from smt.train.engine import TrainingError, run_dir, train_stage
 from smt.train.losses import multiscale_loss
-from conftest import REPO
+from conftest import REPO, write_train_split
 
 
 def test_imresize_torch_matches_numpy():
@@ -49,18 +47,8 @@ def blocky_root(tmp_path_factory):
     augmentation, which checks their alignment exactly."""
     root = tmp_path_factory.mktemp("blocky")
     rng = np.random.default_rng(0)
-    rows = []
-    for i, (h, w) in enumerate([(12, 16), (20, 10)]):
-        lr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        hr = lr.repeat(4, 0).repeat(4, 1)
-        write_png(root / f"train_HR/{i:04d}.png", hr)
-        write_png(root / f"train_LR_bicubic/X4/{i:04d}x4.png", lr)
-        rows.append({"id": f"{i:04d}", "source": "synthetic", "hr_path": f"train_HR/{i:04d}.png",
-                     "lr_path": f"train_LR_bicubic/X4/{i:04d}x4.png", "hr_height": 4 * h, "hr_width": 4 * w,
-                     "lr_height": h, "lr_width": w, "hr_sha256": "", "lr_sha256": ""})
-    import pandas as pd
-
-    pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(root / "manifest_train.csv", index=False)
+    lrs = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(12, 16), (20, 10)]]
+    write_train_split(root, [(lr, lr.repeat(4, 0).repeat(4, 1)) for lr in lrs])
     return root
 
 
@@ -102,14 +90,6 @@ def _train_cfg(out_root, **over) -> TrainConfig:
            "ckpt_every": 2, "log_every": 1, "val_max_side": 16, "ema_decay": 0.9}
     raw.update(over)
     return parse_section(TrainConfig, raw, "train")
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo") / "d"
-    build_dataset(DataConfig(root=str(root), max_side=48, train_images=("camera", "coins"),
-                             valid_images=("astronaut",)))
-    return str(root)
 
 
 @pytest.mark.parametrize("model", ["hat", "mambairv2"])

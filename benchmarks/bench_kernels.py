@@ -96,16 +96,17 @@ def bf16_psnr(params_path: str = "params.yaml") -> None:
 
     from smt.config import load_section
     from smt.infer.precision import with_precision
-    from smt.train.runner import load_trained
-    from smt.data.dataset_builder import read_manifest
     from smt.data.images import read_image
+    from smt.data.manifest import read_manifest
     from smt.infer.tiling import tiled_forward
     from smt.metrics import NTIRE2025, evaluate_pair
+    from smt.models import load_model
+    from smt.train.engine import exported_weights
 
     cfg, data = load_section("train", params_path), load_section("data", params_path)
     last = cfg.schedule()[-1]
     for m in cfg.models:
-        net = load_trained(cfg, m, *last, **({"routing": "argmax"} if "mamba" in m else {}))
+        net = load_model(exported_weights(cfg, m, *last), cfg.models[m].preset, routing="argmax")
         scores, secs = {"fp32": [], "bf16": []}, {"fp32": 0.0, "bf16": 0.0}
         for row in read_manifest(data.root, "valid").itertuples():
             lr, hr = read_image(f"{data.root}/{row.lr_path}"), read_image(f"{data.root}/{row.hr_path}")

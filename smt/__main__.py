@@ -1,7 +1,9 @@
 """Command line: ``python -m smt stage NAME`` (a DVC stage), ``train`` (one training stage; what ``torchrun``
 launches), ``infer`` (the inference stage; shards images under ``torchrun``), ``evaluate SR_DIR HR_DIR`` (score
-a folder the challenge's way), ``upscale`` (your images), ``pipeline`` (write dvc.yaml), ``profile NAME`` (switch
-demo <-> ntire2025), ``check`` (dry run: what data, weights and GPUs are missing), ``smoke`` (first run on a GPU machine)."""
+a folder the challenge's way), ``upscale`` (your images; the pipeline's method by default), ``export`` (weights for other tools, or the method as
+a bundle), ``benchmark`` (a checkpoint on the SR test sets), ``pipeline`` (write dvc.yaml), ``profile NAME`` (switch
+demo <-> ntire2025), ``check`` (dry run: what data, weights and GPUs are missing), ``smoke`` (first run on a GPU machine),
+``rehearse [PROFILE]`` (dress rehearsal: one round of a profile's real stages, reduced counts, in a scratch folder)."""
 from __future__ import annotations
 
 import argparse
@@ -32,11 +34,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from smt.config import load_section
-    from smt.train.engine import train_stage
+    from smt.train.engine import PREEMPTED_EXIT_CODE, Preempted, train_stage
 
     data_cfg, cfg = load_section("data", args.params), load_section("train", args.params)
-    result = train_stage(cfg, args.model, args.round, args.stage, data_cfg.root, data_cfg.scale,
-                         max_steps=args.max_steps)
+    try:
+        result = train_stage(cfg, args.model, args.round, args.stage, data_cfg.root, data_cfg.scale,
+                             max_steps=args.max_steps)
+    except Preempted as exc:  # a scheduler's signal: the state is saved at the current step; rerun to resume
+        print(f"preempted: {exc}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     print(json.dumps(result.__dict__, indent=2))
     return 0
 
@@ -54,22 +60,89 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tile_arg(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer, got {value!r}") from None
+
+
 def _cmd_upscale(args: argparse.Namespace) -> int:
     import torch
 
-    from smt.infer.upscale import collect_inputs, model_from_checkpoint, upscale_files
+    from smt.infer import upscale as up
+    from smt.models import load_model
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
-    files = collect_inputs(args.inputs)
-    net = model_from_checkpoint(args.checkpoint, args.model, args.device)
-    summary = upscale_files(files, args.out, net, tile=args.tile, overlap=args.tile_overlap,
-                            use_self_ensemble=args.self_ensemble, overwrite=args.overwrite,
-                            precision="bf16" if args.bf16 else "fp32")
-    for path, why in summary.skipped:
-        print(f"skipped {path}: {why}", file=sys.stderr)
-    print(f"wrote {len(summary.written)} image(s) to {args.out}")
+    if args.checkpoint and args.bundle:
+        raise ValueError("--checkpoint and --bundle: give one of them (or neither, for the pipeline's method)")
+    inputs = [*args.inputs, *(args.input or [])]
+    if not inputs:
+        raise ValueError("-i/--input: no input images or folders given")
+    up.check_settings(args.tile if args.tile is not None else 0, args.tile_overlap, args.out)
+    files = up.collect_inputs(inputs)
+    if args.checkpoint:
+        from smt.infer.precision import choose_precision
+
+        precision, why = choose_precision(args.bf16, args.device)  # fp32 unless --bf16; says why
+        print(f"upscale: {why}", file=sys.stderr)
+        runner = up.SingleModel(load_model(args.checkpoint, args.model, args.device, routing="argmax"),
+                                tile=0, overlap=args.tile_overlap, use_self_ensemble=args.self_ensemble,
+                                precision=precision)
+        tile = args.tile if args.tile is not None else 0
+    else:
+        if args.model or args.self_ensemble or args.bf16:
+            raise ValueError("--model, --self-ensemble and --bf16 apply to --checkpoint only (the method's "
+                             "settings come from the infer section or the bundle)")
+        runner = (up.method_from_bundle(args.bundle, args.device) if args.bundle
+                  else up.method_from_run(args.params, args.results, args.device))
+        tile = args.tile  # None: the method's own infer.tile
+    summary = up.upscale_files(files, args.out, runner, tile=tile, suffix=args.suffix, overwrite=args.overwrite)
+    for _, why in summary.skipped:
+        print(f"failed: {why}", file=sys.stderr)
+    print(f"wrote {len(summary.written)} image(s) to {args.out}"
+          + (f"; {len(summary.skipped)} failed" if summary.skipped else ""))
     return 1 if summary.skipped else 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from smt.config import load_section
+    from smt.export import export_bundle, export_model
+
+    train_cfg = load_section("train", args.params)
+    if args.name == "bundle":
+        out = export_bundle(train_cfg, load_section("infer", args.params), load_section("data", args.params).scale,
+                            Path(args.results) / "fusion.json", args.output)
+    else:
+        out = export_model(train_cfg, args.name, args.output)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from smt.benchmark import benchmark_sets, bicubic_upscaler, format_table, results_json, run_cli_methods
+
+    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    methods, published, label = run_cli_methods(args.checkpoint, args.model, args.bundle, args.device,
+                                                 args.self_ensemble, args.tile, args.tile_overlap)
+    scale = methods[label].scale
+    run = benchmark_sets({"bicubic": bicubic_upscaler(scale), **methods}, scale, sets, args.root,
+                         published=published, downloads=args.downloads, lock=args.lock)
+    for line in run.notes:
+        print(line)
+    for s in sets:
+        print("\n" + format_table(run, s))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(results_json(run, label), indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
@@ -103,11 +176,35 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_smoke(args: argparse.Namespace) -> int:
-    from smt.smoke import format_rows, run_smoke
+    from smt.distributed import dist_info
+    from smt.smoke import format_rows, launch_smoke, run_smoke
 
+    if args.nproc != 1:  # torchrun runs this command in each of nproc processes, without --nproc
+        return 0 if launch_smoke(args.nproc, args.device, args.models, args.patch, args.batch) else 1
     rows = run_smoke(args.device, args.models, args.patch, args.batch)
-    print(format_rows(rows))
+    if dist_info()[0] == 0:
+        print(format_rows(rows))
     return 0 if all(r.ok for r in rows) else 1
+
+
+def _cmd_rehearse(args: argparse.Namespace) -> int:
+    from smt.rehearse import DEFAULT, SMALLEST, format_rehearsal, rehearse
+
+    red = SMALLEST if args.smallest else DEFAULT
+    if args.steps is not None:
+        if args.steps < 1:
+            raise ValueError(f"--steps: must be >= 1, got {args.steps}")
+        from dataclasses import replace
+
+        red = replace(red, steps=args.steps)
+    result = rehearse(args.profile, workdir=args.workdir, red=red, allow_download=args.allow_download,
+                      keep=True if args.keep else None)
+    print(format_rehearsal(result))
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return 0
 
 
 def _cuda() -> bool:
@@ -141,18 +238,54 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results")
     p.add_argument("--timings", help="also write seconds per image and peak memory per method here (JSON)")
     p.set_defaults(func=_cmd_infer)
-    p = sub.add_parser("upscale", help="super-resolve your images with a checkpoint")
-    p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--out", required=True, help="output folder (written as <name>x4.png)")
-    p.add_argument("--checkpoint", required=True, help="official .pth or our model.safetensors")
-    p.add_argument("--model", help="preset (hat_l, mambairv2_l, ...); optional for our own checkpoints")
-    p.add_argument("--tile", type=int, default=0, help="LR tile size for bounded memory (0 = whole image)")
-    p.add_argument("--tile-overlap", type=int, default=8)
-    p.add_argument("--self-ensemble", action="store_true", help="x8 geometric self-ensemble (8x slower)")
+    p = sub.add_parser("upscale", help="super-resolve your images: the pipeline's method (default), an exported "
+                                       "bundle (--bundle) or one checkpoint (--checkpoint)")
+    p.add_argument("inputs", nargs="*", help="image files or folders (or -i)")
+    p.add_argument("-i", "--input", nargs="+", action="extend", help="image files or folders")
+    p.add_argument("-o", "--output", "--out", dest="out", required=True,
+                   help="output folder (<name><suffix>.png; its parent must exist)")
+    p.add_argument("--checkpoint", help="one model: official .pth or .safetensors (architecture from --model, "
+                                        "the file's metadata or its weights)")
+    p.add_argument("--bundle", help="a method exported by `python -m smt export bundle`")
+    p.add_argument("--params", default="params.yaml", help="the run whose method to use (no checkpoint/bundle)")
+    p.add_argument("--results", default="results", help="the run's results folder (its fusion.json)")
+    p.add_argument("--model", help="preset (hat_l, mambairv2_l, mambairv2_light, ...) for --checkpoint; "
+                                   "optional: detected from the file")
+    p.add_argument("--tile", type=_tile_arg, default=None,
+                   help="LR tile size for bounded memory: 0 = whole image, 'auto' = from free memory "
+                        "(default: 0, or the method's infer.tile)")
+    p.add_argument("--tile-overlap", type=int, default=8, help="LR pixels (--checkpoint; the method uses its own)")
+    p.add_argument("--suffix", help="appended to the output name (default x<scale>; a trailing scale tag of the "
+                                    "input name is not repeated)")
+    p.add_argument("--self-ensemble", action="store_true", help="x8 geometric self-ensemble (--checkpoint)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fast on GPUs and CPUs with native bf16)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (--checkpoint; fast on GPUs and CPUs "
+                                                       "with native bf16)")
     p.set_defaults(func=_cmd_upscale)
+    p = sub.add_parser("export", help="export a trained model (.pth / .safetensors) or the whole method (bundle)")
+    p.add_argument("name", help="a model of the pipeline (train.models: hat, mambairv2) or 'bundle'")
+    p.add_argument("-o", "--output", required=True, help=".pth ({'params_ema': ...}) or .safetensors")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--results", default="results", help="the run's results folder (bundle: its fusion.json)")
+    p.set_defaults(func=_cmd_export)
+    p = sub.add_parser("benchmark", help="a checkpoint on Set5, Set14, B100, Urban100, Manga109, DIV2K_valid "
+                                         "(PSNR-Y/SSIM-Y, literature and challenge protocols)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="official .pth or our model.safetensors")
+    src.add_argument("--bundle", help="an exported method (issue 19's bundle file)")
+    p.add_argument("--model", help="preset (hat_l, mambairv2_l, ...); optional for our own checkpoints")
+    p.add_argument("--sets", default="Set5,Set14,B100,Urban100",
+                   help="comma-separated: Set5, Set14, B100, Urban100, Manga109 (placed by hand), DIV2K_valid")
+    p.add_argument("--root", required=True, help="holds <Set>/HR/; missing sets are downloaded here")
+    p.add_argument("--self-ensemble", action="store_true", help="x8 geometric self-ensemble (8x slower)")
+    p.add_argument("--tile", type=int, default=0, help="LR tile size for bounded memory (0 = whole image)")
+    p.add_argument("--tile-overlap", type=int, default=8)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--json", help="write {set: {psnr_y, ssim_y, n}} here (literature convention)")
+    p.add_argument("--downloads", default="~/.cache/smt/downloads", help="where downloaded archives are kept")
+    p.add_argument("--lock", default="data/sources.lock.json", help="size/SHA-256 pins of downloaded archives")
+    p.set_defaults(func=_cmd_benchmark)
     p = sub.add_parser("pipeline", help="write dvc.yaml from params.yaml (models, rounds, stages)")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--out", default="dvc.yaml")
@@ -170,9 +303,22 @@ def main(argv: list[str] | None = None) -> int:
                                      "inference per model")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--models", default="large", choices=["large", "tiny"])
-    p.add_argument("--patch", type=int, default=64)
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--patch", type=int, help="training patch (default: stage 1's in profiles/ntire2025.yaml)")
+    p.add_argument("--batch", type=int, help="per-GPU batch (default: stage 1's global batch / its GPUs)")
+    p.add_argument("--nproc", type=int, default=1, help="processes (one GPU each) under torchrun: DDP and "
+                                                        "per-rank device checks")
     p.set_defaults(func=_cmd_smoke)
+    p = sub.add_parser("rehearse", help="dress rehearsal of a profile: every stage of one round with its real "
+                                        "models, reduced counts, in a scratch folder; timings and extrapolation")
+    p.add_argument("profile", nargs="?", default="ntire2025", help="profiles/PROFILE.yaml (default ntire2025)")
+    p.add_argument("--workdir", help="scratch folder (new, empty or an earlier rehearsal's; kept); default: a "
+                                     "temporary folder, removed afterwards")
+    p.add_argument("--keep", action="store_true", help="keep the temporary scratch folder")
+    p.add_argument("--steps", type=int, help="optimizer steps per training stage (default 2)")
+    p.add_argument("--smallest", action="store_true", help="the smallest counts (1 step, 2 training images)")
+    p.add_argument("--allow-download", action="store_true", help="let open_clip download the CLIP weights")
+    p.add_argument("--json", help="also write the measurements and extrapolations here (JSON)")
+    p.set_defaults(func=_cmd_rehearse)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import yaml
 
-__all__ = ["ConfigError", "DataConfig", "SelectConfig", "InferConfig", "ReportConfig", "load_params", "load_section", "parse_section", "as_dict"]
+__all__ = ["ConfigError", "DataConfig", "SelectConfig", "TrainConfig", "ModelSpec", "StageSpec", "AugmentSpec",
+           "MicroBatch", "InferConfig", "ReportConfig", "BenchmarkConfig", "AblationConfig", "LossVariant", "load_params", "load_section", "parse_section", "as_dict"]
 
 
 class ConfigError(ValueError):
@@ -99,6 +100,7 @@ class SelectConfig:
     target_splits: tuple[str, ...] = ("valid", "test")
     cache_dir: str = "data/clip_cache"
     seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where CLIP embeds (execution only: auto = a GPU if any)
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -144,10 +146,222 @@ class InferConfig:
             raise ConfigError("infer.tile_overlap >= 0, infer.tile_batch >= 1 and infer.fusion_grid >= 2 needed")
 
 
-def _sections() -> dict[str, type]:
-    from smt.ablations.config import AblationConfig
-    from smt.train.config import TrainConfig
+BENCHMARK_SETS = ("Set5", "Set14", "B100", "Urban100", "Manga109", "DIV2K_valid")  # names in sources.json
 
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """The optional ``benchmark`` section (the ntire2025 profile's ``benchmark`` stage, :mod:`smt.benchmark`): the
+    final models and the fused method on the SR literature's test sets. Not in :func:`_sections`: a params file
+    without it (the demo profile) has no benchmark stage."""
+
+    sets: tuple[str, ...] = ("Set5", "Set14", "B100", "Urban100")
+    root: str = "data/benchmark"  # ROOT/<Set>/HR; missing sets are downloaded here
+    downloads: str = "~/.cache/smt/downloads"  # verified archives (and resumable .part files)
+    lock: str = "data/sources.lock.json"  # SHA-256 pinned at first download; commit it
+
+    def __post_init__(self) -> None:
+        if not self.sets:
+            raise ConfigError("benchmark.sets: at least one set is needed")
+        unknown = [s for s in self.sets if s not in BENCHMARK_SETS]
+        if unknown:
+            raise ConfigError(f"benchmark.sets: unknown set {unknown[0]!r} (known: {', '.join(BENCHMARK_SETS)})")
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+# per-process micro-batch: a count, "auto" (from measured memory on CUDA; the whole per-process batch on CPU) or
+# 0 (the whole per-process batch: no accumulation)
+MicroBatch = Union[int, Literal["auto"]]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    preset: str
+    pretrained: str = ""  # path of a checkpoint to start stage 1 of round 1 from ("" = from scratch)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    patch_size: int  # LR side of a training patch
+    batch_size: int  # global batch (split across processes)
+    loss: Literal["l1", "mse"]
+    lr: float
+    iters: int
+    milestones: tuple[int, ...] = ()  # multi-step decay points (iterations within the stage)
+    gamma: float = 0.5
+    subset: str = ""  # a selection manifest (CSV with an 'id' column) to train on; "" = all training images
+
+    def __post_init__(self) -> None:
+        for key in ("patch_size", "batch_size", "iters"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train stage {key}: must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train stage lr: must be > 0, got {self.lr}")
+        if list(self.milestones) != sorted(self.milestones):
+            raise ConfigError(f"train stage milestones: must be increasing, got {list(self.milestones)}")
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """Random transforms of each training patch, drawn per step by the sampler (:mod:`smt.train.data`).
+
+    ``dihedral`` is the paper's recipe. The colour transforms keep every pair exactly consistent with the
+    bicubic degradation (:mod:`smt.data.augment`); they are a demo measure, off in the ntire2025 profile."""
+
+    dihedral: bool = True  # flips and transposes: all 8 rotations/reflections
+    channel_permute: bool = False  # a random order of R, G, B (exact on the stored pair)
+    color_prob: float = 0.0  # probability of a random colour matrix (the LR is re-made from the new HR)
+    hue_degrees: float = 180.0  # hue rotation drawn uniformly in [-hue_degrees, hue_degrees]
+    saturation: tuple[float, float] = (1.0, 1.0)  # saturation scale drawn uniformly in [low, high]
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.color_prob <= 1.0:
+            raise ConfigError(f"train.augment.color_prob: must be in [0, 1], got {self.color_prob}")
+        if not 0.0 <= self.hue_degrees <= 180.0:
+            raise ConfigError(f"train.augment.hue_degrees: must be in [0, 180], got {self.hue_degrees}")
+        low, high = self.saturation
+        if not 0.0 <= low <= high:
+            raise ConfigError(f"train.augment.saturation: needs 0 <= low <= high, got {list(self.saturation)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    models: dict[str, ModelSpec]
+    stages: dict[str, StageSpec]
+    rounds: int = 1
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    nproc: int = 1  # processes per node; > 1 launches the stage under torchrun
+    nnodes: int = 1  # machines; > 1 needs MASTER_ADDR/MASTER_PORT/NODE_RANK set on each (README runbook)
+    num_workers: int = 0
+    threads: int = 0  # torch intra-op threads per process (0 = torch's default)
+    betas: tuple[float, float] = (0.9, 0.99)
+    ema_decay: float = 0.999
+    ema_warmup: bool = False  # ramp the EMA decay up from 0.1 (short runs); off = BasicSR's constant decay
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    bf16: bool = True  # autocast on CUDA only
+    aux_scales: tuple[int, ...] = (2, 3)
+    aux_weights: tuple[float, ...] = (0.5, 0.5)
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    log_every: int = 10
+    val_every: int = 100
+    ckpt_every: int = 100
+    val_max_side: int = 0  # LR side cap for validation images (centre crop); 0 = whole images
+    out_root: str = "models"
+    stage_order: tuple[str, ...] = field(default=("s1", "s2", "s3"))
+    # gradient accumulation: the per-process micro-batch, for every stage or per stage name ({s1: 8, s2: auto});
+    # stages not named use 0 = the whole per-process batch. Execution only: the global batch stays batch_size.
+    micro_batch: Union[MicroBatch, dict[str, MicroBatch]] = 0
+    activation_checkpointing: bool = False  # recompute each residual group in the backward (memory for time)
+
+    def __post_init__(self) -> None:
+        if len(self.aux_scales) != len(self.aux_weights):
+            raise ConfigError(f"train.aux_weights: needs one weight per aux scale {list(self.aux_scales)}")
+        if not self.models:
+            raise ConfigError("train.models: at least one model is needed")
+        for name in self.stage_order:
+            if name not in self.stages:
+                raise ConfigError(f"train.stage_order: stage {name!r} is not defined in train.stages")
+        if self.rounds < 1:
+            raise ConfigError(f"train.rounds: must be >= 1, got {self.rounds}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay: must be in [0, 1), got {self.ema_decay}")
+        if self.nproc < 1 or self.nnodes < 1:
+            raise ConfigError(f"train.nproc and train.nnodes: must be >= 1, got {self.nproc}, {self.nnodes}")
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every: must be >= 1, got {self.log_every}")
+        for key in ("val_every", "ckpt_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}: must be >= 0 (0 = off), got {getattr(self, key)}")
+        per_stage = self.micro_batch if isinstance(self.micro_batch, dict) else {}
+        unknown = sorted(set(per_stage) - set(self.stages))
+        if unknown:
+            raise ConfigError(f"train.micro_batch: stage {unknown[0]!r} is not defined in train.stages "
+                              f"(defined: {', '.join(self.stages)})")
+        for name in self.stages:
+            value = self.micro_batch_setting(name)
+            if value != "auto" and value < 0:
+                raise ConfigError(f"train.micro_batch{'.' + name if per_stage else ''}: must be >= 0 "
+                                  f"(0 = the whole per-process batch) or 'auto', got {value}")
+
+    def micro_batch_setting(self, stage: str) -> int | str:
+        """This stage's ``micro_batch`` value as configured: a count, ``"auto"`` or 0 (whole per-process batch)."""
+        if isinstance(self.micro_batch, dict):
+            return self.micro_batch.get(stage, 0)
+        return self.micro_batch
+
+    def per_process_batch(self, stage: str, world: int) -> int:
+        """The stage's global batch split over ``world`` processes (it must divide)."""
+        batch = self.stages[stage].batch_size
+        if batch % world:
+            raise ConfigError(f"train.stages.{stage}.batch_size: the global batch {batch} is not divisible by "
+                              f"{world} processes; choose a process count that divides it")
+        return batch // world
+
+    def accumulation(self, stage: str, world: int, micro_batch: int) -> int:
+        """Micro-batches per optimizer step for a resolved per-process ``micro_batch`` (0 = the whole batch)."""
+        per_process = self.per_process_batch(stage, world)
+        if micro_batch == 0:
+            return 1
+        if micro_batch > per_process or per_process % micro_batch:
+            raise ConfigError(f"train.micro_batch: {micro_batch} must divide the per-process batch {per_process} "
+                              f"of stage {stage} (global batch {self.stages[stage].batch_size} over {world} "
+                              f"processes)")
+        return per_process // micro_batch
+
+    def schedule(self) -> list[tuple[int, str]]:
+        """(round, stage) in training order."""
+        return [(r, s) for r in range(1, self.rounds + 1) for s in self.stage_order]
+
+    def run_name(self, round_: int, stage: str) -> str:
+        return f"r{round_}_{stage}"
+
+    def previous(self, round_: int, stage: str) -> tuple[int, str] | None:
+        order = self.schedule()
+        i = order.index((round_, stage))
+        return order[i - 1] if i else None
+
+
+# -------------------------------------------------------------------------------------------- ablations
+# (read by the notebooks in ``notebooks/ablations/``)
+
+@dataclass(frozen=True)
+class LossVariant:
+    aux_scales: tuple[int, ...] = ()
+    aux_weights: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.aux_scales) != len(self.aux_weights):
+            raise ConfigError("ablations.loss_variants: aux_weights needs one weight per aux scale")
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    model: str = "hat"  # the train.models entry the training ablations train
+    seeds: tuple[int, ...] = (0, 1, 2)
+    # 1. multi-scale loss: stage `loss_stage` from scratch for `loss_iters` steps, once per variant and seed
+    loss_stage: str = "s1"
+    loss_iters: int = 300
+    loss_variants: dict[str, LossVariant] = field(default_factory=lambda: {
+        "x4_only": LossVariant(), "paper": LossVariant((2, 3), (0.5, 0.5))})
+    loss_reference: str = "x4_only"  # the variant the others are compared with
+    # 2. CLIP-selected vs random images for `subset_stage` (started from the model the pipeline fed it)
+    subset_stage: str = "s3"
+    subset_iters: int = 0  # 0 = the stage's own iters
+    # 3./4. inference: every ensemble switch alone and together; the fusion weight curve
+    out_root: str = "models/ablations"
+
+    def __post_init__(self) -> None:
+        if len(self.seeds) < 1 or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"ablations.seeds: distinct seeds needed, got {list(self.seeds)}")
+        if self.loss_reference not in self.loss_variants:
+            raise ConfigError(f"ablations.loss_reference: {self.loss_reference!r} is not in ablations.loss_variants")
+        if self.loss_iters < 1 or self.subset_iters < 0:
+            raise ConfigError("ablations.loss_iters >= 1 and ablations.subset_iters >= 0 needed")
+
+
+def _sections() -> dict[str, type]:
     return {"data": DataConfig, "select": SelectConfig, "train": TrainConfig, "infer": InferConfig,
             "report": ReportConfig, "ablations": AblationConfig}
 

@@ -6,11 +6,21 @@ import inspect
 import os
 import subprocess
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["dist_info", "init_process_group", "barrier", "torchrun", "device_for", "select_device", "local_rank"]
+__all__ = ["dist_info", "init_process_group", "barrier", "torchrun", "device_for", "select_device", "local_rank",
+           "process_group_timeout", "any_rank", "gather_objects", "DEFAULT_TIMEOUT_S", "TIMEOUT_ENV"]
+
+# How long a collective may wait for the slowest rank before the job is aborted (NCCL's watchdog; gloo's
+# timeout). torch's default for NCCL is 10 minutes. Our collectives never wait on work done by one rank alone
+# for long (validation is sharded across ranks, the final save is seconds), but a first step that compiles
+# kernels, a slow shared file system or an exported model's report can take minutes: 30 minutes bounds a hung
+# job without killing a slow one. Override with the environment variable SMT_DIST_TIMEOUT_S (seconds).
+DEFAULT_TIMEOUT_S = 1800
+TIMEOUT_ENV = "SMT_DIST_TIMEOUT_S"
 
 
 def dist_info() -> tuple[int, int]:
@@ -52,18 +62,53 @@ def device_for(requested: str) -> torch.device:
     return device
 
 
+def process_group_timeout() -> timedelta:
+    """The collectives' timeout: :data:`DEFAULT_TIMEOUT_S`, or ``SMT_DIST_TIMEOUT_S`` seconds when set."""
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    if not raw:
+        return timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds") from None
+    if seconds <= 0:
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: must be > 0")
+    return timedelta(seconds=seconds)
+
+
 def init_process_group(device: torch.device) -> None:
-    """Join the job's process group (NCCL on GPUs, gloo on CPU) when running under torchrun; on a GPU the
-    group is bound to ``device`` (``device_id``, where this torch supports it)."""
+    """Join the job's process group (NCCL on GPUs, gloo on CPU) when running under torchrun, with the explicit
+    :func:`process_group_timeout`; on a GPU the group is bound to ``device`` (``device_id``, where this torch
+    supports it)."""
     if dist_info()[1] > 1 and not dist.is_initialized():
+        timeout = process_group_timeout()
         if device.type != "cuda":
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
             return
         torch.cuda.set_device(device)
         if "device_id" in inspect.signature(dist.init_process_group).parameters:
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, timeout=timeout)
         else:
-            dist.init_process_group("nccl")
+            dist.init_process_group("nccl", timeout=timeout)
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on at least one (one scalar all-reduce; no collective outside a
+    process group)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` outside a process group."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

@@ -40,11 +40,10 @@ from pathlib import Path
 
 import yaml
 
-from smt.config import _sections, load_params, load_section
-from smt.train.config import TrainConfig
+from smt.config import BenchmarkConfig, TrainConfig, _sections, load_params, load_section, parse_section
 
 __all__ = ["build_stages", "dvc_stage", "write_dvc_yaml", "stage_definitions", "stage_notebooks", "train_stage_name",
-           "StageDef", "EXECUTION_ONLY", "section_params", "code_deps", "import_closure", "package_data_files",
+           "StageDef", "EXECUTION_ONLY", "section_params", "code_deps", "import_closure", "import_graph", "package_data_files",
            "ROOT", "RESULTS_DIR", "SELECTION_DIR", "REPORTS_DIR", "TIMINGS_DIR"]
 
 ROOT = Path(__file__).resolve().parents[1]  # the folder holding smt/ and notebooks/ (and dvc.yaml)
@@ -60,14 +59,16 @@ HEADER = """\
 # finished stages up to date. Process counts and devices change floating-point summation order (all-reduce,
 # threads, kernels), not the computation: the same global batch, data order and seeds (README,
 # "Reproducibility"). Logging, validation and checkpoint cadence only change how often the run reports or saves
-# (validation runs on a forked, fixed-seed RNG). tile_batch: how many tiles go through the model at once.
+# (validation runs on a forked, fixed-seed RNG). micro_batch and activation_checkpointing: how a step's global batch
+# is computed (accumulated micro-batches, recomputed activations), not what it computes. tile_batch: how many
+# tiles go through the model at once.
 # data.downloads: where verified archives are cached; select.cache_dir: embeddings cached by image SHA-256, model
 # and weights.
 EXECUTION_ONLY: dict[str, frozenset[str]] = {
     "data": frozenset({"downloads"}),
-    "select": frozenset({"cache_dir"}),
+    "select": frozenset({"cache_dir", "device"}),
     "train": frozenset({"device", "nproc", "nnodes", "num_workers", "threads", "log_every", "val_every",
-                        "ckpt_every"}),
+                        "ckpt_every", "micro_batch", "activation_checkpointing"}),
     "infer": frozenset({"device", "nproc", "nnodes", "tile_batch"}),
     "report": frozenset(),
     "ablations": frozenset(),
@@ -86,8 +87,14 @@ ABLATION_NOTEBOOKS = {
     "ablation_ensemble": "notebooks/ablations/a3_ensemble_cost.ipynb",
     "ablation_fusion": "notebooks/ablations/a4_fusion_weight.ipynb",
 }
-# notebooks run outside DVC (they call dvc themselves): `python -m smt stage experiments`
-TOOL_NOTEBOOKS = {"experiments": "notebooks/ablations/experiments.ipynb"}
+# the standard SR test sets (smt/benchmark.py): a DVC stage when params.yaml has a `benchmark` section (the
+# ntire2025 profile); the demo profile has none, so its dvc.yaml does not change, and there it runs by hand
+# (`python -m smt stage benchmark`, the section's defaults) like the tools below. Its notebook's parameter
+# defaults are the stage's paths, so both ways write the same files.
+BENCHMARK_NOTEBOOK = "notebooks/95_benchmark.ipynb"
+# notebooks run outside DVC: `python -m smt stage experiments` (it calls dvc itself), `... stage benchmark`
+TOOL_NOTEBOOKS = {"experiments": "notebooks/ablations/experiments.ipynb", "benchmark": BENCHMARK_NOTEBOOK}
+BENCHMARK_EXECUTION_ONLY = frozenset({"downloads"})  # the archive cache: the pinned hashes fix the content
 
 # what the command every stage runs (`python -m smt.stages NAME`) imports, as (module, functions of it or None)
 STAGE_ENTRY = (("smt", None), ("smt.stages", None))
@@ -216,7 +223,25 @@ def stage_definitions(params_path: str | Path = "params.yaml") -> dict[str, Stag
         ablation("ablation_fusion", {"results_dir": RESULTS_DIR}, (*data, RESULTS_DIR),
                  ("data.root", "data.scale", *section_params("infer", params_path)), ()),
     ]
+    defs += _benchmark_stage(params_path, finals, final_models)
     return {d.name: d for d in defs}
+
+
+def _benchmark_stage(params_path: str | Path, finals: list[str], final_models: tuple) -> list[StageDef]:
+    """The ``benchmark`` stage, only when ``params.yaml`` has a ``benchmark`` section. Its set folders
+    (``benchmark.root``) are a download cache like ``data.raw``, verified by the pinned hashes, not a dep."""
+    raw = load_params(params_path).get("benchmark")
+    if raw is None:
+        return []
+    parse_section(BenchmarkConfig, raw, "benchmark")  # a typo fails here, naming the key
+    keys = [f"benchmark.{f.name}" for f in dataclasses.fields(BenchmarkConfig)
+            if f.name in raw and f.name not in BENCHMARK_EXECUTION_ONLY]
+    name, metrics = "benchmark", f"{REPORTS_DIR}/metrics_benchmark.json"
+    return [StageDef(name, BENCHMARK_NOTEBOOK,
+                     {"results_dir": RESULTS_DIR, "report_dir": _report_dir(name), "metrics_path": metrics},
+                     deps=(*finals, RESULTS_DIR),  # results/fusion.json: the fitted fusion weight
+                     params=(*keys, "data.scale", *section_params("infer", params_path), *final_models),
+                     outs=(_report_dir(name),), metrics=({metrics: {"cache": False}},))]
 
 
 def stage_notebooks(params_path: str | Path = "params.yaml") -> dict[str, tuple[str, dict]]:
@@ -341,6 +366,19 @@ def import_closure(entries: list[tuple[str, tuple[str, ...] | None]], notebook: 
                 raise ImportError(f"{module} relaunches `python -m smt {cmd}`, but smt/__main__.py has no _cmd_{cmd}")
             queue.append(("smt.__main__", ("main", f"_cmd_{cmd}")))
     return set(seen)
+
+
+def import_graph(root: str | Path = ROOT) -> dict[str, set[str]]:
+    """Every module of the ``smt`` package under ``root`` -> the ``smt`` modules its import statements name
+    (module level and inside functions; the edges :func:`import_closure` walks). A test keeps it acyclic and
+    in the direction the data flows."""
+    root = Path(root)
+    graph = {}
+    for path in sorted((root / "smt").rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        graph[module] = _imported_modules([_parse(path)], module, path.name == "__init__.py", root) - {module}
+    return graph
 
 
 # -------------------------------------------------------------------------------------------------- package data

@@ -1,18 +1,25 @@
-"""The first thing to run on a new GPU machine: ``python -m smt smoke``.
+"""The first thing to run on a new GPU machine: ``python -m smt smoke`` (``--nproc 2``: two processes under torchrun).
 
-1. Kernels against their references on the device: the selective scan (the dispatcher's choice: mamba_ssm or
-   ours) forward and backward, and SDPA attention, as max relative errors.
-2. One training step of each model (multi-scale loss, Adam, bf16 autocast on CUDA) at the profile's stage-1 patch
-   and a small batch: step time and peak memory.
+1. Kernels against their references on the device: the selective scan (the dispatcher's choice, mamba_ssm or
+   ours, and our Triton kernel as well when it is not the choice) forward and backward, including MambaIRv2-L's
+   shape (D=348 channels: a partial last channel block, N=16, L=4096), against a float64 reference; window
+   attention through SDPA in fp32, and in bf16 at the L models' head dims (30, 29) with the shifted-window mask,
+   and on CUDA whether the memory-efficient kernel takes those calls (else the math backend materialises every
+   score matrix).
+2. One training step of each model as the engine runs it (multi-scale loss, Adam, bf16 autocast with fp32
+   output convolutions on CUDA) at the profile's stage-1 patch and per-GPU batch (``profiles/ntire2025.yaml``:
+   global batch / GPUs); out of memory is a failed row, not a crash. Under torchrun (``--nproc 2``) the model is
+   wrapped in DistributedDataParallel on each rank's own GPU, and the ranks' parameters must agree after the step.
 3. One tiled inference of each model: time and peak memory.
 
-Prints one table and exits 1 when a kernel disagrees with its reference. ``--models tiny`` runs the same checks
-with the demo models (what the CPU test does).
+Prints one table (under torchrun: every rank's, on rank 0) and exits 1 when a check fails. ``--models tiny``
+runs the same checks with the demo models and small kernel shapes (what the CPU tests do).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -21,9 +28,13 @@ from smt.kernels import selective_scan, selective_scan_ref, window_attention
 from smt.models import build_model
 from smt.train.losses import multiscale_loss
 
-__all__ = ["run_smoke", "SmokeRow"]
+__all__ = ["run_smoke", "launch_smoke", "smoke_command", "SmokeRow", "format_rows", "stage1_per_gpu_batch", "PROFILE"]
 
 _SIZES = {"large": ("hat_l", "mambairv2_l"), "tiny": ("hat_tiny", "mambairv2_tiny")}
+# (batch, channels, states, length): L not a multiple of the Triton chunk (64); MambaIRv2-L's scan (174 * 2
+# channels, 16 states, a 64 x 64 patch) whose channels end in a partial block of 28; tiny: a 40-channel tail
+_SCAN_CASES = {"large": ((2, 64, 16, 777), (1, 348, 16, 4096)), "tiny": ((2, 64, 16, 777), (1, 40, 16, 130))}
+PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "ntire2025.yaml"
 
 
 @dataclass
@@ -31,6 +42,15 @@ class SmokeRow:
     check: str
     value: str
     ok: bool = True
+
+
+def stage1_per_gpu_batch(profile: str | Path = PROFILE) -> tuple[int, int]:
+    """(patch size, per-GPU batch) of the profile's first training stage: its global batch over every GPU."""
+    from smt.config import load_section
+
+    cfg = load_section("train", profile)
+    first = cfg.stage_order[0]
+    return cfg.stages[first].patch_size, cfg.per_process_batch(first, cfg.nproc * cfg.nnodes)
 
 
 def _sync(device: torch.device) -> None:
@@ -42,80 +62,219 @@ def _peak_mb(device: torch.device) -> str:
     return f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB" if device.type == "cuda" else "n/a (CPU)"
 
 
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def _kernel_rows(device: torch.device, tol: float = 1e-4) -> list[SmokeRow]:
-    g = torch.Generator().manual_seed(0)
-    b, d, n, length = 2, 64, 16, 777  # L not a multiple of any chunk size
-    u = torch.randn(b, d, length, generator=g)
-    delta = torch.randn(b, d, length, generator=g) * 0.5
-    A = -torch.rand(d, n, generator=g) * 4 - 0.1
-    B, C = torch.randn(b, 1, n, length, generator=g), torch.randn(b, 1, n, length, generator=g)
-    D, z, bias = torch.randn(d, generator=g), torch.randn(b, d, length, generator=g), torch.randn(d, generator=g)
-    leaves = [t.to(device).requires_grad_() for t in (u, delta, A, B, C, D, z, bias)]
+def _scan_impls(device: torch.device) -> list[tuple[str, str]]:
+    """(impl, label) of the scans to check: the dispatcher's choice, and our Triton kernel when it is not."""
+    if device.type != "cuda":
+        return [("auto", "auto (CPU kernel)")]
+    from smt.kernels.selective_scan import _triton_fn, cuda_scan_backend
+
+    name = cuda_scan_backend()[0]
+    impls = [("auto", f"auto ({name})")]
+    if name != "triton" and _triton_fn() is not None:
+        impls.append(("triton", "triton"))
+    return impls
+
+
+def _scan_rows(device: torch.device, cases, tol: float = 1e-4) -> list[SmokeRow]:
     rows = []
-    outs = {}
-    for name, fn in (("fast", selective_scan), ("reference", selective_scan_ref)):
-        xs = [t.detach().clone().requires_grad_() for t in leaves]
-        y = fn(xs[0], xs[1], xs[2], xs[3], xs[4], xs[5], xs[6], xs[7], True)
-        y.square().sum().backward()
-        outs[name] = [y.detach()] + [x.grad for x in xs]
-    errs = [_rel(f, r) for f, r in zip(outs["fast"], outs["reference"])]
-    rows.append(SmokeRow("selective scan fwd+bwd vs reference (max rel err)", f"{max(errs):.2e}", max(errs) < tol))
-    q, k, v = (torch.randn(8, 6, 256, 30, generator=g).to(device) for _ in range(3))
-    bias_t = torch.randn(1, 6, 256, 256, generator=g).to(device)
-    err = _rel(window_attention(q, k, v, bias_t, 0.18, "sdpa"), window_attention(q, k, v, bias_t, 0.18, "reference"))
-    rows.append(SmokeRow("window attention sdpa vs reference (max rel err)", f"{err:.2e}", err < tol))
+    for b, d, n, length in cases:
+        g = torch.Generator().manual_seed(d)
+        u = torch.randn(b, d, length, generator=g)
+        delta = torch.randn(b, d, length, generator=g) * 0.5
+        A = -torch.rand(d, n, generator=g) * 4 - 0.1
+        B, C = torch.randn(b, 1, n, length, generator=g), torch.randn(b, 1, n, length, generator=g)
+        D, z, bias = torch.randn(d, generator=g), torch.randn(b, d, length, generator=g), torch.randn(d, generator=g)
+        leaves = [t.to(device) for t in (u, delta, A, B, C, D, z, bias)]
+
+        def run(fn, dtype, **kw):
+            xs = [t.to(dtype).requires_grad_() for t in leaves]
+            y = fn(*xs, delta_softplus=True, **kw)
+            y.square().sum().backward()
+            return [y.detach()] + [x.grad for x in xs]
+
+        ref = run(selective_scan_ref, torch.float64)
+        for impl, label in _scan_impls(device):
+            errs = [_rel(f, r) for f, r in zip(run(selective_scan, torch.float32, impl=impl), ref)]
+            rows.append(SmokeRow(f"selective scan {label} fwd+bwd D={d} N={n} L={length} (max rel err)",
+                                 f"{max(errs):.2e}", max(errs) < tol))
     return rows
 
 
-def run_smoke(device: str = "cuda", models: str = "large", patch: int = 64, batch: int = 2,
-              infer_side: int = 128, tile: int = 64) -> list[SmokeRow]:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("smoke: --device cuda but no CUDA device is available")
-    rows = [SmokeRow("device", torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu")]
-    rows += _kernel_rows(dev)
+def _attention_rows(device: torch.device) -> list[SmokeRow]:
+    from smt.models.common import attend_windows, shifted_window_mask
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(8, 6, 256, 30, generator=g).to(device) for _ in range(3))
+    bias_t = torch.randn(1, 6, 256, 256, generator=g).to(device)
+    err = _rel(window_attention(q, k, v, bias_t, 0.18, "sdpa"), window_attention(q, k, v, bias_t, 0.18, "reference"))
+    rows = [SmokeRow("window attention sdpa vs reference, fp32 (max rel err)", f"{err:.2e}", err < 1e-4)]
+    # bf16 as under autocast: windows of a 4 x 2 grid of 16 x 16 windows, shifted (masked), HAT-L / MambaIRv2-L
+    for model, hd in (("HAT-L", 30), ("MambaIRv2-L", 29)):
+        q, k, v = (torch.randn(2 * 8, 6, 256, hd, generator=g).to(device, torch.bfloat16) for _ in range(3))
+        rel_bias = torch.randn(1, 6, 256, 256, generator=g).to(device)
+        grid = (4, 2, 16, 8)
+        fast = attend_windows(q, k, v, rel_bias, hd ** -0.5, "sdpa", window_attention, grid)
+        mask = shifted_window_mask(64, 32, 16, 8).to(device)  # the official full bias, in fp32
+        full = (rel_bias.unsqueeze(0) + mask[None, :, None]).expand(2, -1, -1, -1, -1).reshape(16, 6, 256, 256)
+        ref = window_attention(q.float(), k.float(), v.float(), full, hd ** -0.5, "reference")
+        err = _rel(fast, ref)
+        kernel = _efficient_kernel_takes(q, k, v, rel_bias.to(torch.bfloat16), hd ** -0.5)
+        rows.append(SmokeRow(f"window attention bf16 head dim {hd} ({model}), masked, vs fp32 (max rel err; "
+                             f"mem-efficient kernel)", f"{err:.2e}; {kernel}",
+                             err < 3e-2 and kernel in ("yes", "n/a (CPU)")))
+    return rows
+
+
+def _efficient_kernel_takes(q, k, v, bias, scale) -> str:
+    """Whether PyTorch's memory-efficient SDPA kernel accepts our window-attention call (CUDA only)."""
+    if q.device.type != "cuda":
+        return "n/a (CPU)"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            window_attention(q, k, v, bias, scale, "sdpa")
+    except RuntimeError as exc:
+        return f"no ({str(exc).splitlines()[0][:80]})"
+    return "yes"
+
+
+def _train_row(preset: str, dev: torch.device, patch: int, batch: int, distributed: bool) -> SmokeRow:
+    from smt.train.engine import _MultiScale, fp32_output_convs
+
     bf16 = dev.type == "cuda"
-    for preset in _SIZES[models]:
-        torch.manual_seed(0)
-        net = build_model(preset, aux_scales=(2, 3)).to(dev)
-        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-        lr = torch.rand(batch, 3, patch, patch, device=dev)
-        hr = torch.rand(batch, 3, patch * 4, patch * 4, device=dev)
-        times = []
+    torch.manual_seed(0)
+    net = build_model(preset, aux_scales=(2, 3)).to(dev)
+    if bf16:
+        fp32_output_convs(net)
+    model = _MultiScale(net)
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    from smt.distributed import dist_info
+
+    g = torch.Generator().manual_seed(1 + dist_info()[0])  # each rank its own data: only DDP keeps them equal
+    lr = torch.rand(batch, 3, patch, patch, generator=g).to(dev)
+    hr = torch.rand(batch, 3, patch * 4, patch * 4, generator=g).to(dev)
+    label = f"{preset} train step ({'bf16' if bf16 else 'fp32'}, {batch}x{patch}px per GPU, multi-scale" + \
+        (", DDP)" if distributed else ")")
+    times = []
+    try:
         for _ in range(2):  # the first step pays for kernel selection and allocation
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
+            _reset_peak(dev)
             _sync(dev)
             t = time.perf_counter()
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                outs = net.forward_multiscale(lr)
+                outs = model(lr)
             loss, _ = multiscale_loss(outs, hr, 4, {4: 1.0, 2: 0.5, 3: 0.5}, "l1")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             _sync(dev)
             times.append(time.perf_counter() - t)
-        finite = bool(torch.isfinite(loss).item())
-        rows.append(SmokeRow(f"{preset} train step ({'bf16' if bf16 else 'fp32'}, {batch}x{patch}px, multi-scale)",
-                             f"{times[-1]:.3f} s, peak {_peak_mb(dev)}, loss {loss.item():.4f}", finite))
-        net.eval()
-        x = torch.rand(1, 3, infer_side, infer_side, device=dev)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        _sync(dev)
-        t = time.perf_counter()
-        with torch.no_grad():
-            y = tiled_forward(net, x, 4, tile, 8, 4)
-        _sync(dev)
-        ok = y.shape == (1, 3, infer_side * 4, infer_side * 4) and bool(torch.isfinite(y).all())
-        rows.append(SmokeRow(f"{preset} tiled inference ({infer_side}px, tile {tile})",
-                             f"{time.perf_counter() - t:.3f} s, peak {_peak_mb(dev)}", ok))
-        del net, opt
+    except torch.OutOfMemoryError:
+        return SmokeRow(label, f"out of memory (peak {_peak_mb(dev)}): the stage needs train.micro_batch", False)
+    ok = bool(torch.isfinite(loss).item())
+    value = f"{times[-1]:.3f} s, peak {_peak_mb(dev)}, loss {loss.item():.4f}"
+    if distributed:
+        from smt.distributed import gather_objects
+
+        sums = gather_objects(float(sum(p.double().sum().item() for p in net.parameters())))
+        same = len(set(sums)) == 1
+        value += f", ranks' weights {'agree' if same else 'DIFFER: ' + str(sums)}"
+        ok = ok and same
+    return SmokeRow(label, value, ok)
+
+
+def _infer_row(preset: str, dev: torch.device, infer_side: int, tile: int) -> SmokeRow:
+    torch.manual_seed(0)
+    net = build_model(preset).to(dev).eval()
+    x = torch.rand(1, 3, infer_side, infer_side, device=dev)
+    _reset_peak(dev)
+    _sync(dev)
+    t = time.perf_counter()
+    with torch.no_grad():
+        y = tiled_forward(net, x, 4, tile, 8, 4)
+    _sync(dev)
+    ok = y.shape == (1, 3, infer_side * 4, infer_side * 4) and bool(torch.isfinite(y).all())
+    return SmokeRow(f"{preset} tiled inference ({infer_side}px, tile {tile})",
+                    f"{time.perf_counter() - t:.3f} s, peak {_peak_mb(dev)}", ok)
+
+
+def run_smoke(device: str = "cuda", models: str = "large", patch: int | None = None, batch: int | None = None,
+              infer_side: int = 128, tile: int = 64) -> list[SmokeRow]:
+    """Every check on ``device`` (under torchrun: this rank's GPU, in the job's process group); ``patch`` and
+    ``batch`` default to the profile's stage-1 patch and per-GPU batch."""
+    from smt.distributed import device_for, dist_info, init_process_group
+
+    if models not in _SIZES:
+        raise ValueError(f"smoke: unknown model size {models!r} (valid: {', '.join(_SIZES)})")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("smoke: --device cuda but no CUDA device is available")
+    default_patch, default_batch = stage1_per_gpu_batch() if patch is None or batch is None else (patch, batch)
+    patch, batch = patch or default_patch, batch or default_batch
+    if patch < 1 or batch < 1:
+        raise ValueError(f"smoke: patch and batch must be >= 1, got {patch} and {batch}")
+    dev = device_for(device)  # cuda:LOCAL_RANK under torchrun, made current
+    rank, world = dist_info()
+    if world > 1:
+        init_process_group(dev)
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    rows = [SmokeRow("device", f"{where} ({dev}; rank {rank} of {world})" if world > 1 else f"{where} ({dev})")]
+    rows += _scan_rows(dev, _SCAN_CASES[models])
+    rows += _attention_rows(dev)
+    for preset in _SIZES[models]:
+        rows.append(_train_row(preset, dev, patch, batch, world > 1))
+        rows.append(_infer_row(preset, dev, infer_side, tile))
+    if world > 1:
+        from smt.distributed import gather_objects
+
+        per_rank = gather_objects(rows)
+        rows = [SmokeRow(f"[rank {r}] {row.check}", row.value, row.ok) for r, rr in enumerate(per_rank) for row in rr]
     return rows
+
+
+def smoke_command(nproc: int, device: str, models: str, patch: int | None, batch: int | None) -> list[str] | None:
+    """The ``python -m smt`` arguments each torchrun process runs for ``--nproc`` > 1 (None: run here)."""
+    if nproc < 1:
+        raise ValueError(f"smoke: --nproc must be >= 1, got {nproc}")
+    if nproc == 1:
+        return None
+    if device == "cuda" and torch.cuda.device_count() < nproc:
+        raise RuntimeError(f"smoke: --nproc {nproc} needs {nproc} GPUs, this machine sees "
+                           f"{torch.cuda.device_count()}")
+    args = ["smoke", "--device", device, "--models", models]
+    for flag, value in (("--patch", patch), ("--batch", batch)):
+        if value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+def launch_smoke(nproc: int, device: str, models: str, patch: int | None, batch: int | None) -> bool:
+    """Run the smoke check in ``nproc`` processes under torchrun (rank 0 prints); True when every check passed."""
+    import subprocess
+
+    from smt.distributed import torchrun
+
+    args = smoke_command(nproc, device, models, patch, batch)
+    if args is None:
+        raise ValueError("launch_smoke: one process runs in place (run_smoke)")
+    try:
+        torchrun(nproc, ["smoke", *args[1:]])
+    except subprocess.CalledProcessError:
+        return False
+    return True
 
 
 def format_rows(rows: list[SmokeRow]) -> str:

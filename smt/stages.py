@@ -31,6 +31,8 @@ import shutil
 import time
 from pathlib import Path
 
+from smt.files import file_digest
+
 __all__ = ["stage_table", "tool_table", "run_stage", "export_html", "scrub_notebook", "inputs_digest",
            "prepare_persisted_outputs", "INPUTS_MARKER"]
 
@@ -100,14 +102,6 @@ def scrub_notebook(nb) -> None:
                 data["text/plain"] = _ADDRESS.sub("at 0x?>", data["text/plain"])
 
 
-def _md5_file(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _resolve(path: str, params: dict) -> str:
     """``${data.root}/x`` -> ``data/demo/x`` (DVC's templating, for the keys params.yaml has)."""
     def value(match: re.Match) -> str:
@@ -135,9 +129,9 @@ def inputs_digest(stage: dict, params: dict, root: Path) -> str:
         h.update(f"\0dep {dep}\0".encode())
         if path.is_dir():
             for f in sorted(p for p in path.rglob("*") if p.is_file()):
-                h.update(f"{f.relative_to(path).as_posix()}:{_md5_file(f)}\n".encode())
+                h.update(f"{f.relative_to(path).as_posix()}:{file_digest(f, 'md5')}\n".encode())
         elif path.is_file():
-            h.update(_md5_file(path).encode())
+            h.update(file_digest(path, "md5").encode())
         else:
             h.update(b"<missing>")
     for key in stage.get("params", []):

@@ -33,8 +33,8 @@ def write_train_split(root: Path, pairs: list[tuple[np.ndarray, np.ndarray]]) ->
     """Write (LR, HR) uint8 pairs as a ``train`` split under ``root``: PNGs and ``manifest_train.csv``."""
     import pandas as pd
 
-    from smt.data.dataset_builder import MANIFEST_COLUMNS
     from smt.data.images import write_png
+    from smt.data.manifest import MANIFEST_COLUMNS
 
     rows = []
     for i, (lr, hr) in enumerate(pairs):

@@ -96,3 +96,45 @@ def test_collect_a_real_dvc_experiment_sweep(tmp_path):
     summary = seed_summary(exps, "ab.variant", "m.json:psnr_y")
     assert summary.loc["a", "mean"] == pytest.approx(27.01) and summary.loc["b", "n"] == 3
     assert not compare(summary, "a", "b").within_noise
+
+
+def test_ensemble_ablation_measures_the_infer_stages_method(demo_root, tmp_path):
+    """The ensemble ablation takes "+SE" and "+MW" from the infer stage's one definition (``model_outputs``):
+    its row for each model's most complete configuration scores what the infer stage's method gives."""
+    import dataclasses
+
+    import torch
+
+    from smt.ablations.runs import ensemble_ablation
+    from smt.config import DataConfig, load_section
+    from smt.data.images import float255_to_uint8, image_to_tensor, read_image, tensor_to_float255
+    from smt.data.manifest import read_manifest
+    from smt.infer.runner import image_seed, load_method_models, model_outputs
+    from smt.metrics import NTIRE2025, evaluate_pair
+    from smt.models import build_model
+    from smt.train.checkpoint import save_safetensors
+    from smt.train.engine import exported_weights
+    from conftest import REPO
+
+    train = dataclasses.replace(load_section("train", REPO / "params.yaml"), out_root=str(tmp_path / "models"))
+    infer = dataclasses.replace(load_section("infer", REPO / "params.yaml"), device="cpu", window_tiles=(8, 12),
+                                window_weights=(1.0, 1.0), tile_overlap=2)
+    data = DataConfig(root=demo_root, max_side=48, train_images=("camera",), valid_images=("astronaut",))
+    torch.manual_seed(0)
+    for m in infer.models:
+        save_safetensors(build_model(train.models[m].preset).state_dict(),
+                         exported_weights(train, m, *train.schedule()[-1]), {})
+    summary, per_image = ensemble_ablation(infer, train, data, log=lambda msg: None, results_dir=tmp_path)
+    a, b = infer.models
+    assert list(summary.config)[:8] == [a, f"{a}+SE", b, f"{b}+SE", f"{b}+MW[8]", f"{b}+MW[12]", f"{b}+MW",
+                                        f"{b}+SE+MW"]
+    row = read_manifest(demo_root, "valid").iloc[0]
+    lr, hr = read_image(f"{demo_root}/{row.lr_path}"), read_image(f"{demo_root}/{row.hr_path}")
+    nets = load_method_models(infer, train, "cpu")
+    for m in infer.models:
+        with torch.no_grad():
+            outs = model_outputs(nets[m], image_to_tensor(lr), m, infer, data.scale, image_seed(infer, int(row.id)))
+        best, y = list(outs.items())[-1]
+        expected = evaluate_pair(float255_to_uint8(tensor_to_float255(y)), hr, NTIRE2025)["psnr_y"]
+        got = per_image[(per_image.config == best) & (per_image.id == row.id)]["psnr_y"].item()
+        assert got == expected, best

@@ -3,11 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from smt.config import ConfigError, parse_section
+from smt.config import AugmentSpec, ConfigError, parse_section
 from smt.data.augment import PERMUTATIONS, apply_color, color_matrix, degrade_patch
 from smt.data.imresize import bicubic_degrade
 from smt.metrics import NTIRE2025, color_shift, evaluate_pair
-from smt.train.config import AugmentSpec
 from smt.train.data import GlobalBatchSampler, PairedPatchDataset, PatchSpec
 from conftest import write_train_split
 

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import yaml
 
@@ -13,9 +15,9 @@ def test_repo_params_load():
     assert data.scale == 4 and isinstance(data.train_images, tuple)
 
 
-def test_frozen():
+def test_config_sections_are_frozen():
     cfg = ReportConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.crop_size = 3
 
 

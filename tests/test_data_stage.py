@@ -2,9 +2,11 @@ import numpy as np
 import pytest
 
 from smt.config import DataConfig
-from smt.data.dataset_builder import build_dataset, prepare_hr, read_manifest
+from smt.data.dataset_builder import build_dataset, prepare_hr
+from smt.data.manifest import read_manifest
 from smt.data.demo import load_demo_image
-from smt.data.images import ImageError, read_image, sha256_file
+from smt.data.images import ImageError, read_image
+from smt.files import sha256_file
 from smt.data.imresize import bicubic_degrade
 
 

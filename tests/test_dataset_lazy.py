@@ -10,7 +10,7 @@ import torch
 import smt.train.data as data_mod
 from smt.data.augment import color_matrix, degrade_patch
 from smt.data.images import read_image
-from smt.train.config import AugmentSpec
+from smt.config import AugmentSpec
 from smt.train.data import GlobalBatchSampler, PairedPatchDataset, PatchSpec, augment
 
 from conftest import write_train_split

@@ -210,7 +210,7 @@ def test_extract_once_atomically_and_refuse_unsafe_members(tmp_path):
 
 def test_build_from_sources_end_to_end(server, tmp_path):
     from smt.config import DataConfig
-    from smt.data.dataset_builder import has_hr, read_manifest
+    from smt.data.manifest import has_hr, read_manifest
     from smt.data.images import read_image
     from smt.data.imresize import bicubic_degrade
     from smt.data.sources import Source, build_from_sources, missing_inputs

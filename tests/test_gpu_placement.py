@@ -64,10 +64,10 @@ def test_nccl_group_is_bound_to_the_rank_device(monkeypatch):
     seen = {}
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setattr(sd.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(sd.dist, "init_process_group", lambda backend, device_id=None: seen.update(
-        backend=backend, device_id=device_id))
+    monkeypatch.setattr(sd.dist, "init_process_group", lambda backend, device_id=None, timeout=None: seen.update(
+        backend=backend, device_id=device_id, timeout=timeout))
     sd.init_process_group(torch.device("cuda", 6))
-    assert seen == {"backend": "nccl", "device_id": torch.device("cuda", 6)}
+    assert seen == {"backend": "nccl", "device_id": torch.device("cuda", 6), "timeout": sd.process_group_timeout()}
     assert calls == [torch.device("cuda", 6)]
 
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from smt.data.images import ImageError, read_image, sha256_file, write_png
+from smt.data.images import ImageError, read_image, write_png
+from smt.files import sha256_file
 
 
 def _save(tmp_path, arr, name, mode=None):

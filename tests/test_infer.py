@@ -116,11 +116,10 @@ def test_fusion_recovers_known_optimum():
 @pytest.fixture(scope="module")
 def trained_setup(tmp_path_factory):
     """A data root and 'trained' (randomly initialised) exported models for both architectures."""
-    from smt.config import DataConfig, InferConfig, parse_section
+    from smt.config import DataConfig, InferConfig, TrainConfig, parse_section
     from smt.data.dataset_builder import build_dataset
     from smt.models import build_model
     from smt.train.checkpoint import save_safetensors
-    from smt.train.config import TrainConfig
     import json
 
     base = tmp_path_factory.mktemp("infer")
@@ -258,3 +257,30 @@ def test_bf16_inference_stays_within_a_hundredth_of_a_db():
     assert 0 < d < 0.01  # bf16 really ran (outputs differ) and stays within 0.01 dB
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):
         with_precision(net, "fp16")
+
+
+def test_timing_resets_peak_memory_and_synchronises_around_each_call():
+    """timings.json on GPU: each method's peak is its own call's (counter reset first) and the clock stops only
+    after the device finished (synchronised before start and before stop); on CPU none of these calls happen."""
+    from smt.infer.runner import measure
+
+    class FakeCuda:
+        def __init__(self):
+            self.calls = []
+
+        def synchronize(self, device):
+            self.calls.append("sync")
+
+        def reset_peak_memory_stats(self, device):
+            self.calls.append("reset")
+
+        def max_memory_allocated(self, device):
+            self.calls.append("peak")
+            return 3 * 2**20
+
+    fake = FakeCuda()
+    y, seconds, peak = measure(torch.device("cuda", 0), lambda: fake.calls.append("run") or torch.ones(1), cuda=fake)
+    assert fake.calls == ["sync", "reset", "run", "sync", "peak"] and peak == 3.0 and seconds >= 0 and y.item() == 1
+    cpu = FakeCuda()
+    _, _, peak = measure(torch.device("cpu"), lambda: torch.ones(1), cuda=cpu)
+    assert cpu.calls == [] and peak > 0

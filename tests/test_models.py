@@ -156,4 +156,34 @@ def test_wrong_checkpoint_messages(tmp_path):
 
 def test_presets_are_plain_data():
     for name, (arch, kwargs) in PRESETS.items():
-        assert arch in ("hat", "mambairv2") and all(isinstance(k, str) for k in kwargs)
+        assert arch in ("hat", "mambairv2", "mambairv2light") and all(isinstance(k, str) for k in kwargs)
+
+
+@pytest.mark.parametrize("name", ["hat_tiny", "mambairv2_tiny"])
+def test_load_model_gives_the_same_model_from_preset_metadata_or_weights(name, tmp_path):
+    """The one loader of a trained model: a training stage's export (with auxiliary heads) loads the same from
+    its preset, from its metadata, and from the weights alone (architecture detected)."""
+    import json
+
+    from smt.models import load_model
+    from smt.models.presets import preset
+    from smt.train.checkpoint import save_safetensors
+
+    torch.manual_seed(0)
+    trained = build_model(name, aux_scales=(2, 3))
+    arch, kwargs = preset(name)
+    with_meta, bare = tmp_path / "with_meta.safetensors", tmp_path / "bare.safetensors"
+    save_safetensors(trained.state_dict(), with_meta, {"arch": arch, "model_args": json.dumps({**kwargs,
+                                                                                             "aux_scales": [2, 3]})})
+    save_safetensors(trained.state_dict(), bare, {})
+    x = torch.rand(1, 3, 12, 12)
+    outs = []
+    for net in (load_model(with_meta, name, routing="argmax"), load_model(with_meta, routing="argmax"),
+                load_model(bare, routing="argmax")):
+        assert not net.training and not any(k.startswith("aux_heads.") for k in net.state_dict())  # main head only
+        assert getattr(net, "routing", "argmax") == "argmax"
+        with torch.no_grad():
+            outs.append(net(x))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    with pytest.raises(CheckpointError, match="checkpoint file not found"):
+        load_model(tmp_path / "missing.safetensors", name)

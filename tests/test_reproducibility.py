@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from smt.config import parse_section
-from smt.train.config import AugmentSpec, TrainConfig
+from smt.config import AugmentSpec, TrainConfig, parse_section
 from conftest import REPO
 
 

@@ -2,10 +2,11 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from smt.config import DataConfig, SelectConfig, parse_section
+from smt.config import ConfigError, DataConfig, SelectConfig, parse_section
 from smt.data.dataset_builder import build_dataset
-from smt.select.clip_select import SelectionError, rank_pool, run_selection
+from smt.select.clip_select import ClipEncoder, SelectionError, embed_images, load_encoder, rank_pool, run_selection
 from smt.train.data import PairedPatchDataset, read_subset
 
 
@@ -68,7 +69,44 @@ def test_offline_weights_fail_clearly_unless_allowed(small_root, tmp_path):
 
 
 def test_select_config_validation():
-    with pytest.raises(Exception, match="select.top_k: must be >= 1"):
+    with pytest.raises(ConfigError, match="select.top_k: must be >= 1"):
         parse_section(SelectConfig, {"top_k": 0}, "select")
-    with pytest.raises(Exception, match="select.dedup_threshold"):
+    with pytest.raises(ConfigError, match="select.dedup_threshold"):
         parse_section(SelectConfig, {"dedup_threshold": 2.0}, "select")
+    with pytest.raises(ConfigError, match="device"):
+        parse_section(SelectConfig, {"device": "gpu"}, "select")
+
+
+@pytest.mark.parametrize("requested", ["auto", "cpu", "cuda"], ids=["auto", "cpu", "asks-cuda"])  # id "cuda" = GPU-only
+def test_clip_encoder_takes_its_device_from_the_select_config(requested, monkeypatch, tmp_path):
+    import smt.distributed
+
+    asked = []
+    monkeypatch.setattr(smt.distributed, "device_for", lambda r: asked.append(r) or torch.device("cpu"))
+    cfg = SelectConfig(model="smt-tiny-vit", allow_untrained=True, device=requested, cache_dir=str(tmp_path))
+    enc = load_encoder(cfg)
+    assert asked == [requested] and enc.device == torch.device("cpu")
+    assert {p.device for p in enc.model.parameters()} == {torch.device("cpu")}
+
+
+def test_clip_cuda_without_a_gpu_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = SelectConfig(model="smt-tiny-vit", allow_untrained=True, device="cuda", cache_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="no CUDA device is available"):
+        load_encoder(cfg)
+
+
+def test_embedding_sends_images_to_the_encoder_device(small_root, tmp_path):
+    """Images go to the encoder's device and embeddings come back to the CPU (a 'meta' model stands in for a
+    GPU one)."""
+    seen = []
+
+    class Model(torch.nn.Module):
+        def encode_image(self, batch):
+            seen.append(batch.device.type)
+            return torch.ones(batch.shape[0], 4, device=batch.device)
+
+    enc = ClipEncoder(Model(), lambda im: torch.zeros(3, 8, 8), "stub", True, torch.device("meta"))
+    with pytest.raises(NotImplementedError):  # meta tensors have no data to copy back: it got that far
+        embed_images([next(small_root.rglob("*.png"))], enc, tmp_path, crops=1)
+    assert seen == ["meta"]

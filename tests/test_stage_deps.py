@@ -111,10 +111,10 @@ def test_stage_deps_cover_every_smt_module_it_can_import(name):
 def test_training_stages_list_the_degradation_and_image_code():
     """The issue's examples: the x2/x3 targets come from smt/data/imresize.py; infer runs smt/train/engine.py."""
     train = next(s for n, s in DVC.items() if n.startswith("train_"))
-    assert {"smt/data/imresize.py", "smt/data/images.py", "smt/data/dataset_builder.py",
-            "smt/kernels/csrc/selective_scan.c", "smt/train/config.py", "smt/ablations/config.py"} <= set(train["deps"])
+    assert {"smt/data/imresize.py", "smt/data/images.py", "smt/data/manifest.py",
+            "smt/kernels/csrc/selective_scan.c", "smt/config.py", "smt/seeds.py"} <= set(train["deps"])
     assert {"smt/train/engine.py", "smt/data/images.py"} <= set(DVC["infer"]["deps"])
-    assert "smt/data/images.py" in DVC["select"]["deps"] and "smt/select/smt-tiny-vit.json" in DVC["select"]["deps"]
+    assert "smt/data/manifest.py" in DVC["select"]["deps"] and "smt/select/smt-tiny-vit.json" in DVC["select"]["deps"]
     assert "smt/select/clip_select.py" not in train["deps"]  # precise: select code does not retrain models
 
 
@@ -235,7 +235,7 @@ def test_new_dataclass_fields_become_stage_params(tmp_path, monkeypatch):
     section, with no edit to smt/pipeline.py; an execution-only key is not."""
     import smt.config
     import smt.pipeline
-    from smt.train.config import TrainConfig
+    from smt.config import TrainConfig
 
     @dataclasses.dataclass(frozen=True)
     class TrainPlus(TrainConfig):

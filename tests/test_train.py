@@ -9,9 +9,8 @@ import pytest
 import torch
 import yaml
 
-from smt.config import load_section, parse_section
+from smt.config import TrainConfig, load_section, parse_section
 from smt.data.imresize import imresize, imresize_torch
-from smt.train.config import TrainConfig
 from smt.train.data import GlobalBatchSampler, PairedPatchDataset, PatchSpec
 from smt.train.engine import TrainingError, run_dir, train_stage
 from smt.train.losses import multiscale_loss

@@ -79,9 +79,9 @@ def ablation_experiment_tables(table: pd.DataFrame, reports_dir: str | Path = "r
     """Per ablation stage with results in some revision: one row per revision (workspace, commits, experiments)
     with the ``ablations.*`` params that vary and the per-variant means/std, plus a plot of the means (error
     bars: std over seeds) per revision."""
-    import matplotlib.pyplot as plt
+    from smt.figures import pyplot, save_figure
 
-    from smt.report.figures import save_figure
+    plt = pyplot()
 
     out: dict[str, tuple[pd.DataFrame, Path | None]] = {}
     reports_dir = Path(reports_dir)

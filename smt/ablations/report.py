@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from smt.ablations.stats import Comparison, compare, conclusion, pareto_front, seed_summary
-from smt.report.figures import save_figure
+from smt.figures import pyplot, save_figure
 
 __all__ = ["seed_ablation_report", "ensemble_report", "fusion_report", "write_json"]
 
@@ -21,7 +21,7 @@ def write_json(path: str | Path, obj: dict) -> Path:
 
 
 def _strip_plot(runs: pd.DataFrame, summary: pd.DataFrame, title: str, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(summary), 3.2))
     for i, (variant, row) in enumerate(summary.iterrows()):
@@ -60,7 +60,7 @@ def ensemble_report(summary: pd.DataFrame, out_dir: str | Path, metrics_path: st
                     ) -> tuple[pd.DataFrame, str, Path]:
     """Pareto front of validation PSNR-Y against forward work; the conclusion names the cheapest configuration
     within 0.01 dB of the best, and what the full ensemble adds over the best single model."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out_dir = Path(out_dir)
     s = summary.copy()
@@ -98,7 +98,7 @@ def fusion_report(curves: pd.DataFrame, fitted_weight: float, out_dir: str | Pat
                   ) -> tuple[pd.DataFrame, str, Path]:
     """Mean PSNR-Y against the fusion weight per split, the per-image optimum weights (their spread is the
     noise of the fitted weight), and the cost of using the validation weight on the test images."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out_dir = Path(out_dir)
     mean = curves.groupby(["split", "weight"])["psnr_y"].mean().unstack(0)

@@ -8,13 +8,18 @@
 - :func:`fusion_curves`: mean and per-image PSNR-Y against the fusion weight, validation and test.
 
 Every training run uses the training engine unchanged (so a killed notebook resumes its runs) with the
-validation on whole images (``val_max_side = 0``).
+validation on whole images (``val_max_side = 0``), and is launched as the pipeline launches a training stage:
+in-process, or under ``torchrun`` with ``train.nproc`` processes per node (``train.nnodes`` nodes), each taking
+its share of the stage's global batch in ``train.micro_batch`` micro-batches; so a full-profile ablation has
+the memory needs of the training stage it copies, not its whole global batch on one GPU.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import io
+import json
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,13 +28,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from smt.ablations.config import AblationConfig
-from smt.config import DataConfig, InferConfig
-from smt.data.dataset_builder import read_manifest
+from smt.config import AblationConfig, DataConfig, InferConfig, TrainConfig
 from smt.data.images import float255_to_uint8, image_to_tensor, read_image, tensor_to_float255
+from smt.data.manifest import read_manifest
+from smt.distributed import device_for, torchrun
 from smt.metrics import NTIRE2025, evaluate_pair
-from smt.train.config import TrainConfig
-from smt.train.engine import run_dir, train_stage
+from smt.train.engine import StageResult, run_dir, train_stage
 
 __all__ = ["loss_ablation", "subset_ablation", "random_subset", "ensemble_ablation", "fusion_curves"]
 
@@ -44,13 +48,38 @@ def _one_stage_cfg(cfg: TrainConfig, model: str, stage: str, out_root: Path, see
     mspec = dataclasses.replace(cfg.models[model], pretrained=init)
     return dataclasses.replace(cfg, models={model: mspec}, stages={stage: spec}, stage_order=(stage,), rounds=1,
                                seed=seed, out_root=str(out_root), val_every=iters, ckpt_every=max(1, iters // 4),
-                               val_max_side=0, nproc=1, nnodes=1, **overrides)
+                               val_max_side=0, **overrides)
 
 
 def _quiet_train(*args, **kwargs):
     """train_stage without its progress bars: in a notebook they would bury the report under stderr lines."""
     with contextlib.redirect_stderr(io.StringIO()):
         return train_stage(*args, **kwargs)
+
+
+def _train(run_cfg: TrainConfig, model: str, stage: str, data: DataConfig, log: Callable[[str], None],
+           ) -> StageResult:
+    """One ablation run (round 1 of ``run_cfg``'s single stage), launched like a pipeline training stage: in this
+    process when ``train.nproc`` and ``train.nnodes`` are 1, else under torchrun with a params file written beside
+    the run (``<out_root>/params.yaml``: this run's ``data`` and ``train`` sections)."""
+    if run_cfg.nproc == 1 and run_cfg.nnodes == 1:
+        return _quiet_train(run_cfg, model, 1, stage, data.root, data.scale, log=log)
+    import yaml
+
+    from smt.config import as_dict
+
+    params = Path(run_cfg.out_root) / "params.yaml"
+    params.parent.mkdir(parents=True, exist_ok=True)
+    sections = json.loads(json.dumps({"data": as_dict(data), "train": as_dict(run_cfg)}))  # tuples -> lists
+    params.write_text(yaml.safe_dump(sections, sort_keys=False))
+    log(f"ablation run {run_cfg.out_root}: {run_cfg.nproc} process(es) per node x {run_cfg.nnodes} node(s)")
+    torchrun(run_cfg.nproc, ["train", "--params", str(params), "--model", model, "--round", "1", "--stage", stage],
+             run_cfg.nnodes)
+    out = run_dir(run_cfg, model, 1, stage)
+    metrics = json.loads((out / "metrics.json").read_text())
+    return StageResult(model, run_cfg.run_name(1, stage), int(metrics["steps"]),
+                       float(metrics.get("train_seconds", math.nan)), float(metrics["val_psnr_y"]),
+                       float(metrics["bicubic_psnr_y"]), str(out))
 
 
 def loss_ablation(ab: AblationConfig, cfg: TrainConfig, data: DataConfig, log: Callable[[str], None] = print,
@@ -61,7 +90,7 @@ def loss_ablation(ab: AblationConfig, cfg: TrainConfig, data: DataConfig, log: C
             run_cfg = _one_stage_cfg(cfg, ab.model, ab.loss_stage, Path(ab.out_root) / "loss" / f"{name}-seed{seed}",
                                      seed, ab.loss_iters, aux_scales=variant.aux_scales,
                                      aux_weights=variant.aux_weights)
-            r = _quiet_train(run_cfg, ab.model, 1, ab.loss_stage, data.root, data.scale, log=log)
+            r = _train(run_cfg, ab.model, ab.loss_stage, data, log)
             rows.append({"variant": name, "seed": seed, "aux_scales": list(variant.aux_scales),
                          "aux_weights": list(variant.aux_weights), "steps": r.steps, "train_seconds": r.seconds,
                          "psnr_y": r.val_psnr_y, "bicubic_psnr_y": r.bicubic_psnr_y})
@@ -103,7 +132,7 @@ def subset_ablation(ab: AblationConfig, cfg: TrainConfig, data: DataConfig, sele
         for name, subset in (("clip", str(selection_csv)), ("random", str(rnd))):
             run_cfg = _one_stage_cfg(cfg, ab.model, stage, out / f"{name}-seed{seed}", seed, iters,
                                      init=str(init), subset=subset)
-            r = _quiet_train(run_cfg, ab.model, 1, stage, data.root, data.scale, log=log)
+            r = _train(run_cfg, ab.model, stage, data, log)
             ids = pd.read_csv(subset, dtype={"id": str})["id"].tolist()
             rows.append({"variant": name, "seed": seed, "images": " ".join(ids), "steps": r.steps,
                          "train_seconds": r.seconds, "psnr_y": r.val_psnr_y, "bicubic_psnr_y": r.bicubic_psnr_y})
@@ -126,56 +155,71 @@ def ensemble_ablation(infer: InferConfig, cfg: TrainConfig, data: DataConfig, lo
                       results_dir: str | Path = "results") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per configuration: mean validation PSNR-Y, forward work (LR pixels per image, relative to one plain
     forward of one model) and seconds per image. Returns (summary, per-image table)."""
-    from smt.infer.ensemble import multi_window, self_ensemble
     from smt.infer.fusion import fuse
-    from smt.infer.tiling import tiled_forward
-    from smt.train.runner import load_trained
+    from smt.infer.runner import image_seed, model_outputs
+    from smt.models import load_model
+    from smt.train.engine import exported_weights
 
     if len(infer.models) != 2:
         raise ValueError("the ensemble ablation needs two models in infer.models (for the fusion)")
     a_name, b_name = infer.models
     last = cfg.schedule()[-1]
+    device = device_for(infer.device)  # the inference stage's device
     nets = {}
     for m in infer.models:
-        extra = {"routing": infer.routing} if "mamba" in cfg.models[m].preset else {}
-        nets[m] = _Counted(load_trained(cfg, m, *last, "cpu", **extra))
+        nets[m] = _Counted(load_model(exported_weights(cfg, m, *last), cfg.models[m].preset, device,
+                                      routing=infer.routing))
     mw_model = infer.multi_window_model or b_name
-    scale = data.scale
 
-    def configs(m: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-        net = nets[m]
-        out = {m: lambda x: tiled_forward(net, x, scale, infer.tile, infer.tile_overlap, infer.tile_batch),
-               f"{m}+SE": lambda x: tiled_forward(lambda t: self_ensemble(net, t), x, scale, infer.tile,
-                                                 infer.tile_overlap, infer.tile_batch)}
+    def variants(m: str) -> list[tuple[InferConfig, dict[str, str]]]:
+        """Every ensemble switch alone and together, as infer settings for :func:`model_outputs` (the one
+        definition of "+SE" and "+MW"), with the renaming of its methods: (settings, {method: config name})."""
+        se = dataclasses.replace(infer, self_ensemble=True, multi_window_model=m if m == mw_model else "")
+        out = [(se, {})]
         if m == mw_model:
-            for t in infer.window_tiles:
-                out[f"{m}+MW[{t}]"] = lambda x, t=t: multi_window(net, x, scale, (t,), (1.0,), infer.tile_overlap,
-                                                                  infer.tile_batch)[0]
-            out[f"{m}+MW"] = lambda x: multi_window(net, x, scale, infer.window_tiles, infer.window_weights,
-                                                    infer.tile_overlap, infer.tile_batch)[0]
-            out[f"{m}+SE+MW"] = lambda x: multi_window(net, x, scale, infer.window_tiles, infer.window_weights,
-                                                       infer.tile_overlap, infer.tile_batch,
-                                                       lambda f, t: self_ensemble(f, t))[0]
+            for t in infer.window_tiles:  # each window size alone
+                one = dataclasses.replace(infer, self_ensemble=False, multi_window_model=m, window_tiles=(t,),
+                                          window_weights=(1.0,))
+                out.append((one, {f"{m}+MW": f"{m}+MW[{t}]"}))
+            out.append((dataclasses.replace(infer, self_ensemble=False, multi_window_model=m), {}))
         return out
 
-    per_model = {m: configs(m) for m in infer.models}
+    def order(m: str) -> list[str]:  # the table order: plain, +SE, each window, +MW, +SE+MW
+        if m != mw_model:
+            return [m, f"{m}+SE"]
+        return [m, f"{m}+SE", *(f"{m}+MW[{t}]" for t in infer.window_tiles), f"{m}+MW", f"{m}+SE+MW"]
+
     rows = []
     manifest = read_manifest(data.root, "valid")
     for row in manifest.itertuples():
         lr, hr = read_image(Path(data.root) / row.lr_path), read_image(Path(data.root) / row.hr_path)
-        x = image_to_tensor(lr)
+        x = image_to_tensor(lr, device)
         plain_pixels = lr.shape[0] * lr.shape[1]
         floats: dict[str, tuple[np.ndarray, int, float]] = {}
-        for m, cfgs in per_model.items():
-            for name, fn in cfgs.items():
-                torch.manual_seed(infer.seed * 100_003 + int(row.id))
+        for m in infer.models:
+            measured: dict[str, tuple[torch.Tensor, int, float]] = {}
+
+            def timed(name: str, fn: Callable[[], torch.Tensor], m: str = m) -> torch.Tensor:
+                if name in measured:  # a configuration shared by two settings (the plain model) runs once
+                    return measured[name][0]
                 nets[m].pixels = 0
                 t = time.perf_counter()
+                y = fn()
+                if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+                    torch.cuda.synchronize(device)
+                measured[name] = (y, nets[m].pixels, time.perf_counter() - t)
+                return y
+
+            for settings, rename in variants(m):
                 with torch.no_grad():
-                    y = fn(x)
-                sec = time.perf_counter() - t
-                arr = tensor_to_float255(y)
-                floats[name] = (arr, nets[m].pixels, sec)
+                    outputs = model_outputs(nets[m], x, m, settings, data.scale, image_seed(infer, int(row.id)),
+                                            lambda name, fn: timed(name, fn))
+                for name in outputs:
+                    measured[rename.get(name, name)] = measured.pop(name) if name in rename else measured[name]
+            for name in order(m):
+                y, px, sec = measured[name]
+                floats[name] = (tensor_to_float255(y), px, sec)
+        per_model = {m: order(m) for m in infer.models}
         for name, (arr, px, sec) in floats.items():
             rows.append({"config": name, "id": row.id, "psnr_y": evaluate_pair(float255_to_uint8(arr), hr, NTIRE2025)
                          ["psnr_y"], "work": px / plain_pixels, "seconds": sec})
@@ -204,7 +248,7 @@ def _fusion_weight(infer: InferConfig, results_dir: str | Path = "results") -> f
 def fusion_curves(infer: InferConfig, data: DataConfig, results_dir: str | Path = "results") -> pd.DataFrame:
     """PSNR-Y of ``w * a + (1 - w) * b`` for w on the infer grid, per image, from the infer stage's outputs of each
     model's most complete configuration (rounded PNGs: within 0.5/255 of the floats the stage fused)."""
-    from smt.data.dataset_builder import has_hr
+    from smt.data.manifest import has_hr
     from smt.infer.fusion import fuse
     from smt.infer.runner import METHOD_ORDER
 

@@ -12,13 +12,10 @@
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
-import shutil
 import tarfile
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -27,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-__all__ = ["Archive", "DownloadError", "HashLock", "download", "extract", "sha256_of"]
+from smt.files import atomic_path, build_aside, sha256_file
+
+__all__ = ["Archive", "DownloadError", "HashLock", "download", "extract"]
 
 _CHUNK = 1 << 20
 
@@ -42,14 +41,6 @@ class Archive:
     filename: str
     size: int | None = None  # bytes, when known
     sha256: str | None = None  # when known; otherwise pinned in the lock file on first download
-
-
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class HashLock:
@@ -67,12 +58,8 @@ class HashLock:
         if self.entries.get(archive.url) == {"size": size, "sha256": sha256}:
             return
         self.entries[archive.url] = {"size": size, "sha256": sha256}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(dict(sorted(self.entries.items())), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps(dict(sorted(self.entries.items())), indent=2) + "\n")
 
 
 def _fetch_into(url: str, part: Path, timeout: float) -> int | None:
@@ -144,7 +131,7 @@ def download(archive: Archive, dest_dir: str | Path, lock: HashLock | None = Non
 def _verify(path: Path, archive: Archive, size: int | None, sha: str | None, keep: bool) -> str:
     """Check size and hash; a bad file is removed unless ``keep`` (then the error says to delete it)."""
     got_size = path.stat().st_size
-    digest = sha256_of(path)
+    digest = sha256_file(path)
     problem = None
     if size is not None and got_size != size:
         problem = f"size {got_size} bytes, expected {size}"
@@ -167,36 +154,28 @@ def _safe_member(name: str, archive: Path) -> None:
 def extract(archive_path: str | Path, dest: str | Path, digest: str | None = None) -> Path:
     """Extract a zip/tar(.gz) archive into ``dest`` once. The folder appears complete or not at all."""
     archive_path, dest = Path(archive_path), Path(dest)
-    digest = digest or sha256_of(archive_path)
+    digest = digest or sha256_file(archive_path)
     marker = dest / ".extracted"
     if marker.exists() and marker.read_text().strip() == digest:
         return dest
-    staging = dest.with_name(dest.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     try:
-        if zipfile.is_zipfile(archive_path):
-            with zipfile.ZipFile(archive_path) as z:
-                for name in z.namelist():
-                    _safe_member(name, archive_path)
-                z.extractall(staging)
-        elif tarfile.is_tarfile(archive_path):
-            with tarfile.open(archive_path) as t:
-                for m in t.getmembers():
-                    _safe_member(m.name, archive_path)
-                    if m.issym() or m.islnk():
-                        raise DownloadError(f"{archive_path.name}: refuses to extract link member {m.name!r}")
-                t.extractall(staging, filter="data")
-        else:
-            raise DownloadError(f"{archive_path}: not a zip or tar archive")
+        with build_aside(dest) as staging:
+            if zipfile.is_zipfile(archive_path):
+                with zipfile.ZipFile(archive_path) as z:
+                    for name in z.namelist():
+                        _safe_member(name, archive_path)
+                    z.extractall(staging)
+            elif tarfile.is_tarfile(archive_path):
+                with tarfile.open(archive_path) as t:
+                    for m in t.getmembers():
+                        _safe_member(m.name, archive_path)
+                        if m.issym() or m.islnk():
+                            raise DownloadError(f"{archive_path.name}: refuses to extract link member {m.name!r}")
+                    t.extractall(staging, filter="data")
+            else:
+                raise DownloadError(f"{archive_path}: not a zip or tar archive")
+            (staging / ".extracted").write_text(digest + "\n")
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
-        shutil.rmtree(staging, ignore_errors=True)
         raise DownloadError(f"{archive_path}: cannot be extracted ({exc}); delete it to download it again") \
             from None
-    except DownloadError:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    (staging / ".extracted").write_text(digest + "\n")
-    shutil.rmtree(dest, ignore_errors=True)
-    staging.rename(dest)
     return dest

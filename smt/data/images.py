@@ -15,15 +15,17 @@ training validation, the infer stage, ``upscale``, the ablations and the bicubic
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageError", "read_image", "to_rgb_uint8", "write_png", "sha256_file", "IMAGE_SUFFIXES",
+from smt.files import atomic_path
+
+__all__ = ["ImageError", "open_image", "read_image", "to_rgb_uint8", "modcrop", "write_png", "IMAGE_SUFFIXES",
            "image_to_tensor", "tensor_to_float255", "tensor_to_image", "float255_to_uint8", "unit_to_uint8",
            "uint8_to_unit"]
 
@@ -61,35 +63,52 @@ def to_rgb_uint8(arr: np.ndarray, name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def read_image(path: str | os.PathLike, min_side: int = 1) -> np.ndarray:
-    """Read ``path`` as uint8 ``HxWx3`` RGB; refuse images whose shorter side is below ``min_side``."""
-    path = Path(path)
+@contextmanager
+def open_image(path: Path) -> Iterator[Image.Image]:
+    """The PIL image of ``path``; a missing or unreadable file (also while it is decoded inside the block)
+    raises :class:`ImageError` naming it."""
     try:
         with Image.open(path) as img:
-            img.load()
-            mode = img.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.array(img)
-                if arr.dtype != np.uint16:
-                    if arr.min() < 0 or arr.max() > 65535:
-                        raise ImageError(f"{path}: 32-bit integer pixels outside 0..65535")
-                    arr = arr.astype(np.uint16)
-            elif mode == "F":
-                raise ImageError(f"{path}: floating-point images are not supported; save it as 8- or 16-bit")
-            elif mode in ("L", "LA", "RGB", "RGBA"):
-                arr = np.array(img)
-            elif mode == "1":
-                arr = np.array(img.convert("L"))
-            else:  # P, PA, CMYK, YCbCr, LAB, HSV ...
-                arr = np.array(img.convert("RGBA" if "transparency" in img.info or mode == "PA" else "RGB"))
+            yield img
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ImageError(f"{path}: not a readable image ({exc})") from None
+
+
+def read_image(path: str | os.PathLike, min_side: int = 1) -> np.ndarray:
+    """Read ``path`` as uint8 ``HxWx3`` RGB; refuse images whose shorter side is below ``min_side``."""
+    path = Path(path)
+    with open_image(path) as img:
+        img.load()
+        mode = img.mode
+        if mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.array(img)
+            if arr.dtype != np.uint16:
+                if arr.min() < 0 or arr.max() > 65535:
+                    raise ImageError(f"{path}: 32-bit integer pixels outside 0..65535")
+                arr = arr.astype(np.uint16)
+        elif mode == "F":
+            raise ImageError(f"{path}: floating-point images are not supported; save it as 8- or 16-bit")
+        elif mode in ("L", "LA", "RGB", "RGBA"):
+            arr = np.array(img)
+        elif mode == "1":
+            arr = np.array(img.convert("L"))
+        else:  # P, PA, CMYK, YCbCr, LAB, HSV ...
+            arr = np.array(img.convert("RGBA" if "transparency" in img.info or mode == "PA" else "RGB"))
     rgb = to_rgb_uint8(arr, str(path))
     if min(rgb.shape[:2]) < min_side:
         raise ImageError(f"{path}: {rgb.shape[1]}x{rgb.shape[0]} is smaller than the required {min_side} px side")
     return rgb
+
+
+def modcrop(img: np.ndarray, scale: int, name: str = "image") -> np.ndarray:
+    """Crop an image to a multiple of ``scale`` on both sides, keeping the top-left (MATLAB's ``modcrop``), so
+    that ``HR = scale * LR`` exactly."""
+    h, w = img.shape[:2]
+    if min(h, w) < scale:
+        raise ImageError(f"{name}: {w}x{h} is smaller than the scale factor {scale}")
+    return np.ascontiguousarray(img[: h - h % scale, : w - w % scale])
 
 
 def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
@@ -97,23 +116,8 @@ def write_png(path: str | os.PathLike, img: np.ndarray) -> None:
     path = Path(path)
     if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"write_png expects uint8 HxWx3, got {img.dtype} {img.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(img).save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    with atomic_path(path) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG")
 
 
 def float255_to_uint8(values: np.ndarray) -> np.ndarray:

@@ -10,7 +10,6 @@ manifest rows with an empty ``hr_path``. The ``source`` column records provenanc
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,13 +21,14 @@ from tqdm import tqdm
 
 from smt.config import DataConfig
 from smt.data.download import Archive, DownloadError, HashLock, download, extract
-from smt.data.images import ImageError, read_image, sha256_file, write_png
+from smt.data.images import IMAGE_SUFFIXES, ImageError, modcrop, read_image, write_png
 from smt.data.imresize import bicubic_degrade
+from smt.data.manifest import MANIFEST_COLUMNS, manifest_path
+from smt.files import build_aside, sha256_file
 
 __all__ = ["Source", "load_sources", "fetch_source", "source_pairs", "build_from_sources", "subimage_starts",
-           "missing_inputs", "IMAGE_SUFFIXES"]
+           "missing_inputs"]
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 @dataclass(frozen=True)
@@ -130,10 +130,7 @@ def _items(cfg: DataConfig, split: str, pairs: list[tuple[Path | None, Path | No
         ref = hr_path or lr_path
         hr = read_image(hr_path) if hr_path else None
         if hr is not None:
-            h, w = hr.shape[:2]
-            if min(h, w) < s:
-                raise ImageError(f"{hr_path}: {w}x{h} is smaller than the scale factor {s}")
-            hr = np.ascontiguousarray(hr[: h - h % s, : w - w % s])
+            hr = modcrop(hr, s, str(hr_path))
         lr = read_image(lr_path) if lr_path else bicubic_degrade(hr, s)
         if hr is not None and (lr.shape[0] * s, lr.shape[1] * s) != hr.shape[:2]:
             raise ImageError(f"{lr_path}: LR {lr.shape[1]}x{lr.shape[0]} is not 1/{s} of HR "
@@ -155,43 +152,38 @@ def _items(cfg: DataConfig, split: str, pairs: list[tuple[Path | None, Path | No
 def build_from_sources(cfg: DataConfig, log: Callable[[str], None] = print,
                        sources: dict[str, Source] | None = None) -> dict[str, pd.DataFrame]:
     """Fetch every source of every split and write ``cfg.root`` (built aside, then swapped in)."""
-    from smt.data.dataset_builder import MANIFEST_COLUMNS, manifest_path
-
     sources = sources or load_sources()
     root = Path(cfg.root)
-    staging = root.with_name(root.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
     manifests = {}
-    for split in ("train", "valid", "test"):
-        rows = []
-        for name in getattr(cfg, f"{split}_sources"):
-            src = _lookup(name, sources)
-            pairs = source_pairs(cfg, src, fetch_source(cfg, name, sources, log))
-            if src.images is not None and len(pairs) != src.images and name not in cfg.folders:
-                raise DownloadError(f"data source {name}: found {len(pairs)} images, expected {src.images}")
-            for img_id, prov, hr, lr in tqdm(_items(cfg, split, pairs, name), desc=f"data {split} {name}",
-                                             unit="img"):
-                lr_rel = Path(f"{split}_LR_bicubic") / f"X{cfg.scale}" / f"{img_id}x{cfg.scale}.png"
-                write_png(staging / lr_rel, lr)
-                hr_rel = ""
-                if hr is not None:
-                    hr_rel = (Path(f"{split}_HR") / f"{img_id}.png").as_posix()
-                    write_png(staging / hr_rel, hr)
-                rows.append({"id": img_id, "source": prov, "hr_path": hr_rel, "lr_path": lr_rel.as_posix(),
-                             "hr_height": hr.shape[0] if hr is not None else 0,
-                             "hr_width": hr.shape[1] if hr is not None else 0,
-                             "lr_height": lr.shape[0], "lr_width": lr.shape[1],
-                             "hr_sha256": sha256_file(staging / hr_rel) if hr_rel else "",
-                             "lr_sha256": sha256_file(staging / lr_rel)})
-        df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-        if df["id"].duplicated().any():
-            dup = df["id"][df["id"].duplicated()].iloc[0]
-            raise ValueError(f"data {split}: image id {dup!r} occurs twice (two sources with the same file names?)")
-        staging.mkdir(parents=True, exist_ok=True)
-        df.to_csv(manifest_path(staging, split), index=False)
-        manifests[split] = df
-    shutil.rmtree(root, ignore_errors=True)
-    staging.rename(root)
+    with build_aside(root) as staging:
+        for split in ("train", "valid", "test"):
+            rows = []
+            for name in getattr(cfg, f"{split}_sources"):
+                src = _lookup(name, sources)
+                pairs = source_pairs(cfg, src, fetch_source(cfg, name, sources, log))
+                if src.images is not None and len(pairs) != src.images and name not in cfg.folders:
+                    raise DownloadError(f"data source {name}: found {len(pairs)} images, expected {src.images}")
+                for img_id, prov, hr, lr in tqdm(_items(cfg, split, pairs, name), desc=f"data {split} {name}",
+                                                 unit="img"):
+                    lr_rel = Path(f"{split}_LR_bicubic") / f"X{cfg.scale}" / f"{img_id}x{cfg.scale}.png"
+                    write_png(staging / lr_rel, lr)
+                    hr_rel = ""
+                    if hr is not None:
+                        hr_rel = (Path(f"{split}_HR") / f"{img_id}.png").as_posix()
+                        write_png(staging / hr_rel, hr)
+                    rows.append({"id": img_id, "source": prov, "hr_path": hr_rel, "lr_path": lr_rel.as_posix(),
+                                 "hr_height": hr.shape[0] if hr is not None else 0,
+                                 "hr_width": hr.shape[1] if hr is not None else 0,
+                                 "lr_height": lr.shape[0], "lr_width": lr.shape[1],
+                                 "hr_sha256": sha256_file(staging / hr_rel) if hr_rel else "",
+                                 "lr_sha256": sha256_file(staging / lr_rel)})
+            df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+            if df["id"].duplicated().any():
+                dup = df["id"][df["id"].duplicated()].iloc[0]
+                raise ValueError(f"data {split}: image id {dup!r} occurs twice "
+                                 "(two sources with the same file names?)")
+            df.to_csv(manifest_path(staging, split), index=False)
+            manifests[split] = df
     return manifests
 
 

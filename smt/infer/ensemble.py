@@ -14,7 +14,8 @@ import torch
 
 from smt.infer.tiling import tile_starts, tiled_forward
 
-__all__ = ["TRANSFORMS", "apply_transform", "invert_transform", "self_ensemble", "multi_window", "tiling_key"]
+__all__ = ["TRANSFORMS", "apply_transform", "invert_transform", "self_ensemble", "multi_window", "tiling_key",
+           "window_tilings"]
 
 # (hflip, vflip, transpose), applied in that order
 TRANSFORMS: tuple[tuple[bool, bool, bool], ...] = tuple((h, v, t) for t in (False, True) for v in (False, True)
@@ -67,6 +68,18 @@ def tiling_key(h: int, w: int, tile: int, overlap: int) -> tuple:
     return (tuple(tile_starts(h, tile, overlap)), tuple(tile_starts(w, tile, overlap)), min(tile, h), min(tile, w))
 
 
+def window_tilings(h: int, w: int, tiles: Sequence[int], weights: Sequence[float], overlap: int
+                   ) -> dict[tuple, list]:
+    """The distinct tilings of an ``h x w`` image over ``tiles``: ``{tiling_key: [tile, summed weight]}``."""
+    if len(tiles) != len(weights) or not tiles:
+        raise ValueError(f"need one weight per tile size, got tiles {list(tiles)} and weights {list(weights)}")
+    groups: dict[tuple, list] = {}
+    for tile, wt in zip(tiles, weights):
+        key = tiling_key(h, w, tile, min(overlap, max(tile - 1, 0)))
+        groups.setdefault(key, [tile, 0.0])[1] += wt
+    return groups
+
+
 @torch.no_grad()
 def multi_window(forward: Forward, x: torch.Tensor, scale: int, tiles: Sequence[int], weights: Sequence[float],
                  overlap: int, batch: int = 4, per_tile: Callable[[Forward, torch.Tensor], torch.Tensor] | None = None
@@ -75,13 +88,8 @@ def multi_window(forward: Forward, x: torch.Tensor, scale: int, tiles: Sequence[
 
     ``per_tile(forward, tile_input)`` wraps each tile's forward (e.g. with :func:`self_ensemble`).
     """
-    if len(tiles) != len(weights) or not tiles:
-        raise ValueError(f"need one weight per tile size, got tiles {list(tiles)} and weights {list(weights)}")
     h, w = x.shape[-2:]
-    groups: dict[tuple, list] = {}
-    for tile, wt in zip(tiles, weights):
-        key = tiling_key(h, w, tile, min(overlap, max(tile - 1, 0)))
-        groups.setdefault(key, [tile, 0.0])[1] += wt
+    groups = window_tilings(h, w, tiles, weights, overlap)
     fwd = (lambda t: per_tile(forward, t)) if per_tile else forward
     total, wsum = 0, 0.0
     for tile, wt in groups.values():

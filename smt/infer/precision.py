@@ -1,18 +1,20 @@
 """Inference precision: ``fp32`` (the reference) or ``bf16`` autocast (matrix products and convolutions in
-bfloat16, accumulation and the selective scan in float32; outputs returned as float32).
+bfloat16, accumulation and the selective scan in float32; outputs returned as float32), or ``bf16-weights``:
+the same autocast over a bfloat16 copy of the model, so the weights are not re-cast on every call.
 
 bf16 pays off where the hardware has it natively (CUDA GPUs; CPUs with AVX-512 BF16 or AMX). On CPUs without it
 PyTorch emulates bf16 and it is much slower than fp32 — ``benchmarks/bench_kernels.py --bf16`` measures both.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Literal
 
 import torch
 
-__all__ = ["Precision", "with_precision", "cpu_has_native_bf16"]
+__all__ = ["Precision", "with_precision", "cpu_flags", "cpu_has_native_bf16", "choose_precision"]
 
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "bf16-weights"]
 
 
 def with_precision(net: Callable[[torch.Tensor], torch.Tensor], precision: Precision,
@@ -20,8 +22,17 @@ def with_precision(net: Callable[[torch.Tensor], torch.Tensor], precision: Preci
     """``net`` as a forward function in ``precision`` (inputs and outputs float32)."""
     if precision == "fp32":
         return net
-    if precision != "bf16":
-        raise ValueError(f"unknown precision {precision!r} (valid: 'fp32', 'bf16')")
+    if precision not in ("bf16", "bf16-weights"):
+        raise ValueError(f"unknown precision {precision!r} (valid: 'fp32', 'bf16', 'bf16-weights')")
+    if precision == "bf16-weights":
+        if not isinstance(net, torch.nn.Module):
+            raise ValueError("precision 'bf16-weights' needs an nn.Module (its weights are copied to bfloat16)")
+        # autocast stays on for ops with mixed inputs; LayerNorms keep float32 parameters, which PyTorch's CPU
+        # kernel accepts with bfloat16 or float32 inputs (the scan's outputs are float32)
+        net = copy.deepcopy(net).to(torch.bfloat16)
+        for m in net.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.float()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
@@ -30,11 +41,47 @@ def with_precision(net: Callable[[torch.Tensor], torch.Tensor], precision: Preci
     return forward
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX); Linux only, False when unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The CPU feature flags of ``/proc/cpuinfo`` (or of the given text); empty when unknown (not Linux)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return frozenset()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 / ARM
+            return frozenset(value.split())
+    return frozenset()
+
+
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86: AVX-512 BF16 dot products, AMX tiles
+
+
+def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether this CPU (or one with ``flags``) computes bf16 natively: AVX-512 BF16 or AMX-BF16 on x86,
+    ``bf16`` (ARMv8.6) on ARM. Detected at run time, never assumed: False when the flags are unknown."""
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in NATIVE_BF16_FLAGS) or "bf16" in flags
+
+
+def choose_precision(want_bf16: bool, device: str | torch.device = "cpu",
+                     flags: frozenset[str] | None = None) -> tuple[Precision, str]:
+    """The precision for ``python -m smt upscale`` and the sentence that says why.
+
+    fp32 stays the default: it is the reference, and its outputs are byte-identical to the infer stage's.
+    ``want_bf16`` (``--bf16``) gives bf16: on a CPU with native bf16 units the model's bf16 copy
+    (``bf16-weights``, faster than autocast alone), on an accelerator autocast, and on a CPU without them
+    autocast with a warning (PyTorch then emulates bf16 and it is slower than fp32)."""
+    on_cpu = torch.device(device).type == "cpu"
+    native = (not on_cpu) or cpu_has_native_bf16(flags)
+    if not want_bf16:
+        hint = " (bf16 is available here: --bf16)" if native else ""
+        return "fp32", "precision fp32 (the reference path)" + hint
+    if native and on_cpu:
+        return "bf16-weights", "precision bf16 weights + autocast (this CPU has native bf16 units)"
+    if native:
+        return "bf16", "precision bf16 autocast (accelerator)"
+    return "bf16", ("precision bf16 autocast -- warning: this CPU has no native bf16 units (no avx512_bf16 or "
+                    "amx_bf16 flag), so PyTorch emulates bf16 and it will be SLOWER than fp32")

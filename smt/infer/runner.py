@@ -18,30 +18,117 @@ import resource
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from smt.config import DataConfig, InferConfig
-from smt.data.dataset_builder import has_hr, read_manifest
+from smt import seeds
+from smt.config import DataConfig, InferConfig, TrainConfig
 from smt.data.images import float255_to_uint8, image_to_tensor, read_image, tensor_to_float255, write_png
+from smt.data.manifest import has_hr, read_manifest
 from smt.distributed import barrier, device_for, dist_info, init_process_group, torchrun
 from smt.infer.ensemble import multi_window, self_ensemble
 from smt.infer.fusion import fit_fusion_weight, fuse
 from smt.infer.precision import with_precision
 from smt.infer.tiling import tiled_forward
-from smt.train.config import TrainConfig
-from smt.train.runner import load_trained
+from smt.models import load_model
+from smt.train.engine import exported_weights
 
-__all__ = ["run_inference", "METHOD_ORDER"]
+__all__ = ["run_inference", "METHOD_ORDER", "load_method_models", "model_outputs", "best_float255", "image_seed", "measure"]
 
 
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def measure(device: torch.device, fn: Callable[[], torch.Tensor], cuda=torch.cuda) -> tuple[torch.Tensor, float, float]:
+    """``(fn(), seconds, peak MB)`` of one call. On CUDA the device's peak-memory counter is reset before the
+    call (so the peak is this call's, not the process's so far) and the device is synchronised before the clock
+    starts and before it stops (kernels run asynchronously). On CPU the peak is the process's resident maximum,
+    which cannot be reset. ``cuda`` is the module to call (a stand-in in tests)."""
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        cuda.synchronize(device)
+        cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    y = fn()
+    if on_cuda:
+        cuda.synchronize(device)
+    seconds = time.perf_counter() - t
+    peak = (cuda.max_memory_allocated(device) / 2**20 if on_cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return y, seconds, peak
+
+
+def load_method_models(infer_cfg: InferConfig, train_cfg: TrainConfig, device: torch.device | str
+                       ) -> dict[str, torch.nn.Module]:
+    """The models of ``infer.models``: each the last round and stage of its training, in eval mode, with the
+    inference routing for MambaIRv2."""
+    last_round, last_stage = train_cfg.schedule()[-1]
+    nets = {}
+    for m in infer_cfg.models:
+        if m not in train_cfg.models:
+            raise KeyError(f"infer.models: {m!r} is not in train.models ({', '.join(train_cfg.models)})")
+        nets[m] = load_model(exported_weights(train_cfg, m, last_round, last_stage), train_cfg.models[m].preset,
+                             str(device), routing=infer_cfg.routing)
+    return nets
+
+
+def read_fusion_fit(path: str | Path, models: Sequence[str], missing_hint: str) -> dict:
+    """The fusion weight this stage fitted (``results/fusion.json``), checked to be for ``models`` (the two of
+    ``infer.models``, in order); ``missing_hint`` says what to do when the file is absent."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no fitted fusion weight; {missing_hint}")
+    fit = json.loads(path.read_text())
+    if [fit["model_a"], fit["model_b"]] != list(models):
+        raise ValueError(f"{path}: fitted for {fit['model_a']}, {fit['model_b']}, but infer.models is "
+                         f"{list(models)}; rerun the infer stage")
+    return fit
+
+
+def image_seed(cfg: InferConfig, image_id: int) -> int:
+    """The seed of the Gumbel routing for one image (irrelevant with argmax routing)."""
+    return seeds.image_seed(cfg.seed, image_id)
+
+
+def _untimed(method: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    return fn()
+
+
+def model_outputs(net: torch.nn.Module, x: torch.Tensor, name: str, cfg: InferConfig, scale: int, seed: int,
+                  timed: Callable[[str, Callable[[], torch.Tensor]], torch.Tensor] = _untimed
+                  ) -> dict[str, torch.Tensor]:
+    """Every configuration of model ``name`` on one LR image ``x`` (1, 3, H, W), keyed by method in table order:
+    plain, ``+SE`` (self-ensemble), ``+MW`` (multi-window, for ``cfg.multi_window_model``). The last entry is the
+    model's most complete configuration, the one the fusion mixes. Each configuration starts from ``seed``.
+    The infer stage and ``python -m smt upscale`` both run the method through this function."""
+    fwd = with_precision(net, cfg.precision)
+
+    def plain() -> torch.Tensor:
+        torch.manual_seed(seed)
+        return tiled_forward(fwd, x, scale, cfg.tile, cfg.tile_overlap, cfg.tile_batch)
+
+    outputs = {name: timed(name, plain)}
+    if cfg.self_ensemble:
+        def se() -> torch.Tensor:
+            torch.manual_seed(seed)
+            return tiled_forward(lambda t: self_ensemble(fwd, t), x, scale, cfg.tile, cfg.tile_overlap,
+                                 cfg.tile_batch)
+        outputs[f"{name}+SE"] = timed(f"{name}+SE", se)
+    if name == cfg.multi_window_model:
+        def mw() -> torch.Tensor:
+            torch.manual_seed(seed)
+            per_tile = (lambda f, t: self_ensemble(f, t)) if cfg.self_ensemble else None
+            return multi_window(fwd, x, scale, cfg.window_tiles, cfg.window_weights, cfg.tile_overlap,
+                                cfg.tile_batch, per_tile)[0]
+        method = f"{name}{'+SE' if cfg.self_ensemble else ''}+MW"
+        outputs[method] = timed(method, mw)
+    return outputs
+
+
+def best_float255(outputs: dict[str, torch.Tensor]) -> np.ndarray:
+    """The fusion's input from :func:`model_outputs`: the last (most complete) configuration as float on the
+    [0, 255] scale, float32-exact (the infer stage stores it as float32; this loses nothing)."""
+    return tensor_to_float255(list(outputs.values())[-1]).astype(np.float32).astype(np.float64)
 
 
 def METHOD_ORDER(cfg: InferConfig) -> list[str]:  # noqa: N802 - reads like a constant at call sites
@@ -89,23 +176,16 @@ def run_inference(infer_cfg: InferConfig, train_cfg: TrainConfig, data_cfg: Data
     if rank == 0 and scratch.exists():
         shutil.rmtree(scratch)
     barrier()
-    last_round, last_stage = train_cfg.schedule()[-1]
-    nets = {}
-    for m in infer_cfg.models:
-        if m not in train_cfg.models:
-            raise KeyError(f"infer.models: {m!r} is not in train.models ({', '.join(train_cfg.models)})")
-        extra = {"routing": infer_cfg.routing} if "mamba" in train_cfg.models[m].preset else {}
-        nets[m] = load_trained(train_cfg, m, last_round, last_stage, str(device), **extra)
+    nets = load_method_models(infer_cfg, train_cfg, device)
     scale = data_cfg.scale
     timings: dict[str, dict] = {}
 
     def timed(method: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        t = time.perf_counter()
-        y = fn()
+        y, seconds, peak = measure(device, fn)
         entry = timings.setdefault(method, {"seconds": 0.0, "images": 0, "peak_mb": 0.0})
-        entry["seconds"] += time.perf_counter() - t
+        entry["seconds"] += seconds
         entry["images"] += 1
-        entry["peak_mb"] = max(entry["peak_mb"], _peak_mb(device))
+        entry["peak_mb"] = max(entry["peak_mb"], peak)
         return y
 
     splits = {s: read_manifest(data_cfg.root, s) for s in ("valid", "test")}
@@ -115,28 +195,7 @@ def run_inference(infer_cfg: InferConfig, train_cfg: TrainConfig, data_cfg: Data
             lr = read_image(Path(data_cfg.root) / row.lr_path)
             x = image_to_tensor(lr, device)
             for m, net in nets.items():
-                seed = infer_cfg.seed * 100_003 + int(row.id)
-
-                fwd = with_precision(net, infer_cfg.precision)
-
-                def plain(fwd=fwd) -> torch.Tensor:
-                    torch.manual_seed(seed)
-                    return tiled_forward(fwd, x, scale, infer_cfg.tile, infer_cfg.tile_overlap, infer_cfg.tile_batch)
-
-                outputs = {m: timed(m, plain)}
-                if infer_cfg.self_ensemble:
-                    def se(fwd=fwd) -> torch.Tensor:
-                        torch.manual_seed(seed)
-                        return tiled_forward(lambda t: self_ensemble(fwd, t), x, scale, infer_cfg.tile,
-                                             infer_cfg.tile_overlap, infer_cfg.tile_batch)
-                    outputs[f"{m}+SE"] = timed(f"{m}+SE", se)
-                if m == infer_cfg.multi_window_model:
-                    def mw(fwd=fwd) -> torch.Tensor:
-                        torch.manual_seed(seed)
-                        per_tile = (lambda f, t: self_ensemble(f, t)) if infer_cfg.self_ensemble else None
-                        return multi_window(fwd, x, scale, infer_cfg.window_tiles, infer_cfg.window_weights,
-                                            infer_cfg.tile_overlap, infer_cfg.tile_batch, per_tile)[0]
-                    outputs[f"{m}{'+SE' if infer_cfg.self_ensemble else ''}+MW"] = timed("mw", mw)
+                outputs = model_outputs(net, x, m, infer_cfg, scale, image_seed(infer_cfg, row.id), timed)
                 for method, y in outputs.items():
                     write_png(results_dir / split / method / f"{row.id}x{scale}.png",
                               float255_to_uint8(tensor_to_float255(y)))
@@ -144,9 +203,7 @@ def run_inference(infer_cfg: InferConfig, train_cfg: TrainConfig, data_cfg: Data
                 # so storing float32 loses nothing.
                 best = scratch / split / m / f"{row.id}.npy"
                 best.parent.mkdir(parents=True, exist_ok=True)
-                np.save(best, tensor_to_float255(list(outputs.values())[-1]).astype(np.float32))
-    if "mw" in timings:
-        timings[[k for k in METHOD_ORDER(infer_cfg) if k.endswith("+MW")][0]] = timings.pop("mw")
+                np.save(best, best_float255(outputs).astype(np.float32))
     scratch.mkdir(parents=True, exist_ok=True)
     (scratch / f"timings.rank{rank}.json").write_text(json.dumps(timings))
     barrier()
@@ -188,9 +245,9 @@ def _fuse_and_write(infer_cfg: InferConfig, data_cfg: DataConfig, splits: dict, 
             if not has_hr(manifest):  # no HR (e.g. the challenge's test set): no curve
                 curves[split] = None
                 continue
-            pairs = [(best(split, a_name, r.id), best(split, b_name, r.id),
-                      read_image(Path(data_cfg.root) / r.hr_path)) for r in manifest.itertuples()]
-            curves[split] = fit_fusion_weight(pairs, infer_cfg.fusion_grid)
+            pairs = ((best(split, a_name, r.id), best(split, b_name, r.id),  # a generator: one image in memory
+                      read_image(Path(data_cfg.root) / r.hr_path)) for r in manifest.itertuples())
+            curves[split] = fit_fusion_weight(pairs, infer_cfg.fusion_grid, device=device_for(infer_cfg.device))
         fit = curves["valid"]
         log(f"fusion weight of {a_name}: {fit.weight:.2f} (validation PSNR-Y {fit.psnr_y:.3f} dB; "
             f"least-squares weight {fit.least_squares_weight:.3f})")

@@ -6,14 +6,46 @@ tile's SR output is weighted by a separable window that is 1 in its interior and
 pixels) over the overlap toward each *inner* edge; the weighted outputs are summed and divided by the summed
 weights. Image borders keep weight 1, so a single tile covering the image reproduces whole-image inference
 exactly. Tiles are run ``batch`` at a time. The model pads inputs to its window internally (any size works).
+
+Progress: inside ``with tile_progress(callback):`` every :func:`tiled_forward` (also those run by the
+ensembles) calls ``callback(n)`` after each batch of ``n`` tiles (a whole-image forward counts as one tile), so a
+caller can show per-tile progress without threading a parameter through every ensemble.
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import contextvars
+from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["tile_starts", "tiled_forward", "blend_window"]
+__all__ = ["tile_starts", "tiled_forward", "blend_window", "tile_progress", "count_tiles"]
+
+_PROGRESS: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.ContextVar("tile_progress",
+                                                                                         default=None)
+
+
+@contextlib.contextmanager
+def tile_progress(callback: Callable[[int], None]) -> Iterator[None]:
+    """Report every batch of tiles run by :func:`tiled_forward` inside the block to ``callback(n_tiles)``."""
+    token = _PROGRESS.set(callback)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def _report(n: int) -> None:
+    callback = _PROGRESS.get()
+    if callback is not None:
+        callback(n)
+
+
+def count_tiles(h: int, w: int, tile: int, overlap: int) -> int:
+    """How many tiles :func:`tiled_forward` runs for an ``h x w`` image (1 for a whole-image forward)."""
+    if tile <= 0 or (h <= tile and w <= tile):
+        return 1
+    return len(tile_starts(h, tile, overlap)) * len(tile_starts(w, tile, overlap))
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -55,7 +87,9 @@ def tiled_forward(forward: Forward, x: torch.Tensor, scale: int, tile: int, over
         raise ValueError(f"tiled_forward takes one image at a time, got a batch of {x.shape[0]}")
     _, c, h, w = x.shape
     if tile <= 0 or (h <= tile and w <= tile):
-        return forward(x)
+        y = forward(x)
+        _report(1)
+        return y
     ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
     boxes = [(t, l, min(tile, h), min(tile, w)) for t in ys for l in xs]
     out = x.new_zeros(1, c, h * scale, w * scale)
@@ -70,4 +104,5 @@ def tiled_forward(forward: Forward, x: torch.Tensor, scale: int, tile: int, over
                                 ramp if l > 0 else 0, ramp if l + tw < w else 0), x.device, x.dtype)
             out[..., t * scale:(t + th) * scale, l * scale:(l + tw) * scale] += sr[k:k + 1] * win
             weight[..., t * scale:(t + th) * scale, l * scale:(l + tw) * scale] += win
+        _report(len(chunk))
     return out / weight

@@ -4,17 +4,49 @@
 ``impl="reference"`` is the plain computation in the official order (scale q first, then matmul, add bias,
 softmax); ``impl="sdpa"`` calls ``torch.nn.functional.scaled_dot_product_attention`` with the bias as a float
 mask (fused on CUDA, and on CPU avoids materialising the softmax twice). Tests compare the two.
+
+Which SDPA kernel runs on CUDA (PyTorch's ``sdp_utils``): flash attention takes no arbitrary float mask, so
+with a bias the candidates are memory-efficient attention and cuDNN, both of which need the head dimension to
+be a multiple of the GEMM alignment (8 for bf16/fp16 on sm80+, 4 for fp32; cuDNN: 8). HAT-L's heads are 30 wide
+(180 / 6) and MambaIRv2-L's 29 (174 / 6): left as they are, every window attention would fall back to the math
+backend, which materialises the (windows x heads, n, n) scores in fp32. On CUDA the head dimension is therefore
+zero-padded to a multiple of 8 (q . k and the output's first d columns are unchanged; the padded output columns
+are dropped), which makes the memory-efficient kernel eligible.
+
+CPU inference fast paths (issue 17) are switched off together by :func:`reference_paths` (benchmarks and
+tests compare both): on CPU, SDPA's flash kernel needs unit stride in the head dimension, else it falls back
+to the math path (2-3x slower: it materialises the scores and softmax); HAT's overlapping cross-attention
+takes k and v straight from ``unfold`` (head dimension strided), so ``_sdpa`` makes such inputs contiguous.
 """
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["window_attention", "AttentionImpl"]
+__all__ = ["window_attention", "AttentionImpl", "fast_paths_enabled", "reference_paths"]
 
 AttentionImpl = Literal["reference", "sdpa"]
+
+_fast_paths = True
+
+
+def fast_paths_enabled() -> bool:
+    """Whether the inference fast paths (this module's and :mod:`smt.models.common`'s) are on (the default)."""
+    return _fast_paths
+
+
+@contextlib.contextmanager
+def reference_paths() -> Iterator[None]:
+    """Within this block the fast paths are off: every call takes its reference path (not thread-safe)."""
+    global _fast_paths
+    before, _fast_paths = _fast_paths, False
+    try:
+        yield
+    finally:
+        _fast_paths = before
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
@@ -28,5 +60,22 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     if impl == "sdpa":
         if bias is not None:
             bias = bias.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        return _sdpa(q, k, v, bias, scale, SDPA_HEAD_ALIGN if q.is_cuda else 1)
     raise ValueError(f"unknown attention impl {impl!r} (valid: 'reference', 'sdpa')")
+
+
+SDPA_HEAD_ALIGN = 8  # head dims padded to a multiple of this on CUDA (see the module docstring)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float,
+          align: int) -> torch.Tensor:
+    """SDPA with q, k, v zero-padded in the head dimension to a multiple of ``align`` (exact: zero columns add
+    nothing to q . k, and the padded output columns, zero, are cut off)."""
+    d = q.shape[-1]
+    if _fast_paths and not q.is_cuda:  # flash kernel eligibility on CPU (see the module docstring)
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    pad = -d % align
+    if pad:
+        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    return out[..., :d] if pad else out

@@ -14,10 +14,11 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
+
+from smt.files import atomic_path
 
 __all__ = ["load_library", "SOURCE", "build_error"]
 
@@ -44,16 +45,10 @@ def _cache_dir() -> Path:
 
 
 def _build(target: Path, cc: str) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+    with atomic_path(target) as tmp:  # atomic: concurrent builders never load a torn file
+        res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{cc} failed to build {SOURCE.name}:\n{res.stderr[-2000:]}")
-        os.replace(tmp, target)  # atomic: concurrent builders never load a torn file
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def load_library() -> ctypes.CDLL | None:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from smt.kernels.cpu_build import build_error, load_library
+from smt.kernels.scan_common import check_groups, grouped_bc, scan_epilogue
 
 __all__ = ["selective_scan", "selective_scan_ref", "selective_scan_cpu", "ScanImpl", "cuda_scan_backend"]
 
@@ -80,11 +81,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
             ys.append((h * C[None]).sum(-1))
         else:
             ys.append((h * C[..., i]).sum(-1))
-    y = torch.stack(ys, dim=-1)
-    out = y if D is None else y + u * D.to(ct)[:, None]
-    if z is not None:
-        out = out * F.silu(z.to(ct))
-    out = out.to(dtype_in)
+    out = scan_epilogue(torch.stack(ys, dim=-1), u, D, z, ct, dtype_in)
     return (out, h) if return_last_state else out
 
 
@@ -160,23 +157,6 @@ class _CpuScan(torch.autograd.Function):
         return du, ddt, dA.sum(0), dB.sum(0), dC.sum(0)
 
 
-def grouped_bc(M: torch.Tensor, batch: int, dim: int, length: int, ct: torch.dtype) -> torch.Tensor:
-    """B or C as a contiguous (batch, G, L, N) tensor (time-invariant (D, N) becomes G = D)."""
-    M = M.to(ct)
-    if M.dim() == 2:
-        return M[None, :, None, :].expand(batch, dim, length, M.shape[1]).contiguous()
-    if M.dim() == 3:
-        M = M[:, None]
-    return M.transpose(-1, -2).contiguous()
-
-
-def check_groups(dim: int, Bg: torch.Tensor, Cg: torch.Tensor) -> None:
-    """B and C (batch, G, ...) must have the same group count, and it must divide the channels."""
-    if dim % Bg.shape[1] or Bg.shape[1] != Cg.shape[1]:
-        raise ValueError(f"selective_scan: {dim} channels cannot be split into B's {Bg.shape[1]} and C's "
-                         f"{Cg.shape[1]} groups")
-
-
 def _bc_view(M: torch.Tensor, batch: int, dim: int, length: int) -> torch.Tensor:
     """B or C as a float32 (batch, G, N, L) *view* (no copy for float32 inputs): (D, N) becomes G = D with
     zero batch and length strides, (batch, N, L) becomes G = 1."""
@@ -235,11 +215,7 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     if u_t.stride() != dt_t.stride():
         u_t, dt_t = u_t.contiguous(), dt_t.contiguous()
     y, last = _CpuScan.apply(u_t, dt_t, A, Bg, Cg)
-    y = y.transpose(1, 2)
-    out = y if D is None else y + u * D.to(ct)[:, None]
-    if z is not None:
-        out = out * F.silu(z.to(ct))
-    out = out.to(dtype_in)
+    out = scan_epilogue(y.transpose(1, 2), u, D, z, ct, dtype_in)
     return (out, last) if return_last_state else out
 
 

@@ -1,17 +1,27 @@
 """Selective scan on GPUs without mamba_ssm: Triton kernels for the forward and backward recurrence.
 
 One program per (batch, block of ``BLOCK_D`` channels) walks the sequence, holding the state h (BLOCK_D x N) in
-registers: ``h = exp(dt*A) * h + dt*u*B_t``, ``y_t = C_t . h``. The forward also stores h at the start of every
-``CHUNK`` steps. The backward walks the chunks in reverse: it recomputes the chunk's states from its stored start
-(into a per-program scratch buffer), then runs the adjoint recurrence ``g = g*exp(dt*A) + C_t*dy_t`` backwards,
-writing du and ddt per step and adding dB, dC (summed over the channels of a group) and dA (summed over the
-batch) with atomics. ``delta_bias``/softplus, the ``D`` skip and the ``z`` gate are element-wise and stay in
-PyTorch (fused by the GPU's own kernels), so the Triton part is exactly :class:`smt.kernels.selective_scan`'s
-core recurrence and is compared with the reference in the tests.
+registers: ``h = exp(dt*A) * h + dt*u*B_t``, ``y_t = C_t . h``. When a gradient is needed the forward also
+stores h at the start of every ``CHUNK`` steps (inference skips those stores). The backward walks the chunks in
+reverse: it recomputes the chunk's states from its stored start (into a per-program scratch buffer), then runs
+the adjoint recurrence ``g = g*exp(dt*A) + C_t*dy_t`` backwards, writing du and ddt per step and adding dB, dC
+(summed over the channels of a group) and dA (summed over the batch) with relaxed atomics. Where a program's
+channels all lie in one group (always for MambaIRv2's single group) dB and dC are summed over the program's
+channels first: one atomic per state instead of one per (channel, state).
 
-Runs wherever Triton runs: CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the CPU tests check it).
-Triton launches on the *current* CUDA device, so every launch runs under the input's device (:func:`_on_device`):
-on rank k of a multi-GPU job the kernel runs on GPU k, where its pointers live.
+Three GPU facts the code relies on, none of which the interpreter can show:
+- the scratch buffer is written and read back by *different* threads (a tile smaller than the block's thread
+  count is replicated across threads, and the compiler may lay out a load differently from the store), so a
+  barrier separates the writes from the reads, and the reads from the next chunk's writes;
+- offsets are int64 (:func:`_seq_offset` and friends): B*L*D reaches 2**31 for one large untiled image, where
+  int32 offsets wrap silently;
+- Triton launches on the *current* CUDA device, so every launch runs under the input's device
+  (:func:`_on_device`): on rank k of a multi-GPU job the kernel runs on GPU k, where its pointers live.
+
+``delta_bias``/softplus, the ``D`` skip and the ``z`` gate are element-wise and stay in PyTorch
+(:func:`smt.kernels.scan_common.scan_epilogue`), so the Triton part is exactly the reference's core recurrence
+and is compared with the reference in the tests. Runs wherever Triton runs: CUDA, or on CPU tensors under
+``TRITON_INTERPRET=1`` (how the CPU tests check it).
 """
 from __future__ import annotations
 
@@ -22,11 +32,29 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from smt.kernels.selective_scan import check_groups, grouped_bc
+from smt.kernels.scan_common import check_groups, grouped_bc, scan_epilogue
 
 __all__ = ["selective_scan_triton"]
 
 _CHUNK = 64
+
+
+@triton.jit
+def _seq_offset(b, t, L, D):
+    """int64 offset of element (b, t, 0) of a (batch, L, D) tensor."""
+    return (b.to(tl.int64) * L + t) * D
+
+
+@triton.jit
+def _bc_offset(b, grp, t, G, L, N):
+    """int64 offset of element (b, grp, t, 0) of a (batch, G, L, N) tensor."""
+    return ((b.to(tl.int64) * G + grp) * L + t) * N
+
+
+@triton.jit
+def _state_offset(b, c, NCHUNK, D, N):
+    """int64 offset of element (b, c, 0, 0) of the (batch, NCHUNK, D, N) chunk-start states."""
+    return (b.to(tl.int64) * NCHUNK + c) * D * N
 
 
 @triton.jit
@@ -44,36 +72,41 @@ def _channel_block(a_ptr, pid_d, D, N, G, BLOCK_D: tl.constexpr, BLOCK_N: tl.con
 @triton.jit
 def _scan_fwd(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, y_ptr, last_ptr, hs_ptr,
               L, D, N, G, NCHUNK,
-              CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_b = tl.program_id(0)
+              CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, STORE_STATES: tl.constexpr):
+    pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     d, n, md, m2, grp, a = _channel_block(a_ptr, pid_d, D, N, G, BLOCK_D, BLOCK_N)
+    dn = d[:, None] * N + n[None, :]
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     for c in range(0, NCHUNK):
-        tl.store(hs_ptr + ((pid_b * NCHUNK + c) * D + d[:, None]) * N + n[None, :], h, mask=m2)
+        if STORE_STATES:
+            tl.store(hs_ptr + _state_offset(pid_b, c, NCHUNK, D, N) + dn, h, mask=m2)
         t_end = tl.minimum(c * CHUNK + CHUNK, L)
         for t in range(c * CHUNK, t_end):
-            row = (pid_b * L + t) * D + d
+            row = _seq_offset(pid_b, t, L, D) + d
             u = tl.load(u_ptr + row, mask=md, other=0.0)
             dt = tl.load(dt_ptr + row, mask=md, other=0.0)
-            bc = ((pid_b * G + grp[:, None]) * L + t) * N + n[None, :]
+            bc = _bc_offset(pid_b, grp[:, None], t, G, L, N) + n[None, :]
             bt = tl.load(b_ptr + bc, mask=m2, other=0.0)
             ct = tl.load(c_ptr + bc, mask=m2, other=0.0)
             h = tl.exp(dt[:, None] * a) * h + (dt * u)[:, None] * bt
             tl.store(y_ptr + row, tl.sum(ct * h, axis=1), mask=md)
-    tl.store(last_ptr + (pid_b * D + d[:, None]) * N + n[None, :], h, mask=m2)
+    tl.store(last_ptr + pid_b * D * N + dn, h, mask=m2)
 
 
 @triton.jit
 def _scan_bwd(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, dy_ptr, hs_ptr, work_ptr,
               du_ptr, ddt_ptr, da_ptr, db_ptr, dc_ptr,
               L, D, N, G, NCHUNK, NBLOCK_D,
-              CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_b = tl.program_id(0)
+              CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, ONE_GROUP: tl.constexpr):
+    pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     d, n, md, m2, grp, a = _channel_block(a_ptr, pid_d, D, N, G, BLOCK_D, BLOCK_N)
+    mn = n < N
+    grp0 = (pid_d * BLOCK_D) // (D // G)  # the group of every channel here when ONE_GROUP
     tile = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + n[None, :]  # this program's scratch layout
-    work = work_ptr + (pid_b * NBLOCK_D + pid_d) * (CHUNK + 1) * BLOCK_D * BLOCK_N
+    slot = BLOCK_D * BLOCK_N
+    work = work_ptr + (pid_b * NBLOCK_D + pid_d) * (CHUNK + 1) * slot
     g = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)  # dLoss/dh_t, carried backwards
     da = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     for ci in range(0, NCHUNK):
@@ -81,35 +114,44 @@ def _scan_bwd(u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, dy_ptr, hs_ptr, work_ptr,
         t0 = c * CHUNK
         t_end = tl.minimum(t0 + CHUNK, L)
         # slot k of the scratch holds h_{t0 + k - 1}; slot 0 the chunk's starting state
-        h = tl.load(hs_ptr + ((pid_b * NCHUNK + c) * D + d[:, None]) * N + n[None, :], mask=m2, other=0.0)
+        h = tl.load(hs_ptr + _state_offset(pid_b, c, NCHUNK, D, N) + d[:, None] * N + n[None, :], mask=m2,
+                    other=0.0)
         tl.store(work + tile, h)
         for t in range(t0, t_end):
-            row = (pid_b * L + t) * D + d
+            row = _seq_offset(pid_b, t, L, D) + d
             u = tl.load(u_ptr + row, mask=md, other=0.0)
             dt = tl.load(dt_ptr + row, mask=md, other=0.0)
-            bt = tl.load(b_ptr + ((pid_b * G + grp[:, None]) * L + t) * N + n[None, :], mask=m2, other=0.0)
+            bt = tl.load(b_ptr + _bc_offset(pid_b, grp[:, None], t, G, L, N) + n[None, :], mask=m2, other=0.0)
             h = tl.exp(dt[:, None] * a) * h + (dt * u)[:, None] * bt
-            tl.store(work + (t - t0 + 1) * BLOCK_D * BLOCK_N + tile, h)
+            tl.store(work + (t - t0 + 1) * slot + tile, h)
+        tl.debug_barrier()  # the chunk's states are written before any thread reads them back
         for ti in range(0, t_end - t0):
             t = t_end - 1 - ti
-            row = (pid_b * L + t) * D + d
+            row = _seq_offset(pid_b, t, L, D) + d
             u = tl.load(u_ptr + row, mask=md, other=0.0)
             dt = tl.load(dt_ptr + row, mask=md, other=0.0)
             dy = tl.load(dy_ptr + row, mask=md, other=0.0)
-            bc = ((pid_b * G + grp[:, None]) * L + t) * N + n[None, :]
+            bc = _bc_offset(pid_b, grp[:, None], t, G, L, N) + n[None, :]
             bt = tl.load(b_ptr + bc, mask=m2, other=0.0)
             ct = tl.load(c_ptr + bc, mask=m2, other=0.0)
-            h_t = tl.load(work + (t - t0 + 1) * BLOCK_D * BLOCK_N + tile)
-            h_prev = tl.load(work + (t - t0) * BLOCK_D * BLOCK_N + tile)
-            tl.atomic_add(dc_ptr + bc, dy[:, None] * h_t, mask=m2)
+            h_t = tl.load(work + (t - t0 + 1) * slot + tile)
+            h_prev = tl.load(work + (t - t0) * slot + tile)
             g += ct * dy[:, None]
             decay = tl.exp(dt[:, None] * a)
-            tl.atomic_add(db_ptr + bc, g * (dt * u)[:, None], mask=m2)
+            # masked channels hold u = dt = dy = 0 (so g = 0 there): they add nothing to the sums
+            if ONE_GROUP:
+                bc0 = _bc_offset(pid_b, grp0, t, G, L, N) + n
+                tl.atomic_add(dc_ptr + bc0, tl.sum(dy[:, None] * h_t, axis=0), mask=mn, sem="relaxed")
+                tl.atomic_add(db_ptr + bc0, tl.sum(g * (dt * u)[:, None], axis=0), mask=mn, sem="relaxed")
+            else:
+                tl.atomic_add(dc_ptr + bc, dy[:, None] * h_t, mask=m2, sem="relaxed")
+                tl.atomic_add(db_ptr + bc, g * (dt * u)[:, None], mask=m2, sem="relaxed")
             tl.store(du_ptr + row, tl.sum(g * bt, axis=1) * dt, mask=md)
             tl.store(ddt_ptr + row, tl.sum(g * (a * decay * h_prev + bt * u[:, None]), axis=1), mask=md)
             da += g * dt[:, None] * decay * h_prev
             g = g * decay
-    tl.atomic_add(da_ptr + d[:, None] * N + n[None, :], da, mask=m2)
+        tl.debug_barrier()  # every read of this chunk's states is done before the next chunk overwrites them
+    tl.atomic_add(da_ptr + d[:, None] * N + n[None, :], da, mask=m2, sem="relaxed")
 
 
 def _on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -123,21 +165,32 @@ def _launch_dims(batch: int, dim: int, nstate: int) -> tuple[int, int, int]:
     return block_d, block_n, triton.cdiv(dim, block_d)
 
 
+def _one_group_per_program(dim: int, groups: int, block_d: int) -> bool:
+    """Whether every program's channel block lies inside one group of B/C (then dB/dC are reduced over the
+    block before the atomic add)."""
+    return groups == 1 or (dim // groups) % block_d == 0
+
+
+def _forward(u, dt, A, B, C, store_states: bool):
+    batch, length, dim = u.shape
+    groups, nstate = B.shape[1], B.shape[3]
+    block_d, block_n, nblock = _launch_dims(batch, dim, nstate)
+    nchunk = triton.cdiv(length, _CHUNK)
+    y = torch.empty_like(u)
+    last = u.new_empty(batch, dim, nstate)
+    hs = u.new_empty(batch, nchunk, dim, nstate) if store_states else last  # `last`: a pointer never written
+    with _on_device(u):
+        _scan_fwd[(batch, nblock)](u, dt, A, B, C, y, last, hs, length, dim, nstate, groups, nchunk,
+                                   CHUNK=_CHUNK, BLOCK_D=block_d, BLOCK_N=block_n, STORE_STATES=store_states)
+    return y, last, (hs if store_states else None)
+
+
 class _TritonScan(torch.autograd.Function):
     """``y, last = scan(u, dt, A, B, C)``; u, dt: (b, L, D) contiguous fp32, B/C: (b, G, L, N) contiguous."""
 
     @staticmethod
     def forward(ctx, u, dt, A, B, C):
-        batch, length, dim = u.shape
-        groups, nstate = B.shape[1], B.shape[3]
-        block_d, block_n, nblock = _launch_dims(batch, dim, nstate)
-        nchunk = triton.cdiv(length, _CHUNK)
-        y = torch.empty_like(u)
-        last = u.new_empty(batch, dim, nstate)
-        hs = u.new_empty(batch, nchunk, dim, nstate)
-        with _on_device(u):
-            _scan_fwd[(batch, nblock)](u, dt, A, B, C, y, last, hs, length, dim, nstate, groups, nchunk,
-                                       CHUNK=_CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
+        y, last, hs = _forward(u, dt, A, B, C, store_states=True)
         ctx.save_for_backward(u, dt, A, B, C, hs)
         ctx.mark_non_differentiable(last)
         return y, last
@@ -156,7 +209,8 @@ class _TritonScan(torch.autograd.Function):
         with _on_device(u):
             _scan_bwd[(batch, nblock)](u, dt, A, B, C, dy, hs, work, du, ddt, dA, dB, dC,
                                        length, dim, nstate, groups, nchunk, nblock,
-                                       CHUNK=_CHUNK, BLOCK_D=block_d, BLOCK_N=block_n)
+                                       CHUNK=_CHUNK, BLOCK_D=block_d, BLOCK_N=block_n,
+                                       ONE_GROUP=_one_group_per_program(dim, groups, block_d))
         return du, ddt, dA, dB, dC
 
 
@@ -172,12 +226,10 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     batch, dim, length = u.shape
     Bg, Cg = grouped_bc(B, batch, dim, length, torch.float32), grouped_bc(C, batch, dim, length, torch.float32)
     check_groups(dim, Bg, Cg)
-    y, last = _TritonScan.apply(u32.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous(),
-                                A.float().contiguous(), Bg, Cg)
-    out = y.transpose(1, 2)
-    if D is not None:
-        out = out + u32 * D.float()[:, None]
-    if z is not None:
-        out = out * F.silu(z.float())
-    out = out.to(dtype_in)
+    args = (u32.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous(), A.float().contiguous(), Bg, Cg)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+        y, last = _TritonScan.apply(*args)
+    else:  # inference: no chunk states to keep
+        y, last, _ = _forward(*args, store_states=False)
+    out = scan_epilogue(y.transpose(1, 2), u32, D, z, torch.float32, dtype_in)
     return (out, last) if return_last_state else out

@@ -2,18 +2,35 @@
 
 Window tensors use the layout of the official code: ``(batch * windows, window_size**2, channels)`` with windows
 in row-major order, so masks and relative-position indices line up with the official checkpoints.
+
+Window attention (both models) goes through :func:`relative_position_bias` and :func:`attend_windows`. The
+official code adds the shifted-window mask to the relative-position bias for every window, materialising a
+(batch * windows, heads, n, n) float32 bias (GBs for the many windows of a large tile) from a mask built on the
+CPU and copied to the device on every forward. Only four masks occur (interior windows, the last window column,
+the last window row, the corner: :func:`shift_region_masks`, cached per device), so the windows are attended
+in those four groups, each with one (1, heads, n, n) bias broadcast over its windows: the same sums, the same
+outputs.
+
+Inference fast paths (off inside :func:`smt.kernels.attention.reference_paths`, tested against it): the
+gathered bias cached per module (:class:`RelativeBiasCache`, eval mode with grad off), and the shifted-window
+groups written into one output tensor instead of concatenated.
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
 from einops import rearrange
 
-__all__ = ["SRHeads", "AuxHead", "window_partition", "window_reverse", "relative_position_index", "overlap_relative_position_index",
-           "shifted_window_mask", "Upsample", "Mlp", "DropPath", "pad_to_multiple", "pad_reflect_any",
-           "RGB_MEAN"]
+from smt.kernels.attention import fast_paths_enabled
+
+__all__ = ["SRHeads", "AuxHead", "window_partition", "window_reverse", "relative_position_index",
+           "overlap_relative_position_index", "shifted_window_mask", "shift_region_masks", "relative_position_bias",
+           "RelativeBiasCache", "attend_windows", "Upsample", "Mlp", "DropPath", "pad_to_multiple",
+           "pad_reflect_any", "RGB_MEAN"]
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean, subtracted by both official models when in_chans == 3
 
@@ -54,6 +71,89 @@ def shifted_window_mask(h: int, w: int, ws: int, shift: int) -> torch.Tensor:
     regions = window_partition(img, ws).squeeze(-1)  # (nW, ws*ws)
     diff = regions[:, None, :] - regions[:, :, None]
     return torch.where(diff != 0, torch.tensor(-100.0), torch.tensor(0.0))
+
+
+@functools.lru_cache(maxsize=32)
+def shift_region_masks(ws: int, shift: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The four distinct windows of :func:`shifted_window_mask`, (2, 2, ws*ws, ws*ws) indexed by (last window
+    row?, last window column?), for any image size: a window not in the last row or column holds one region
+    (mask 0). Built once per (window, shift, device, dtype); callers must not modify the result."""
+    return shifted_window_mask(2 * ws, 2 * ws, ws, shift).view(2, 2, ws * ws, ws * ws).to(device, dtype)
+
+
+def relative_position_bias(table: torch.Tensor, rpi: torch.Tensor, n: int) -> torch.Tensor:
+    """(1, heads, n, m) bias from a ((2ws-1)^2, heads) table and an (n, m) index (m = n unless given by rpi)."""
+    return table[rpi.reshape(-1)].reshape(n, -1, table.shape[1]).permute(2, 0, 1).unsqueeze(0)
+
+
+class RelativeBiasCache:
+    """Eval-mode fast path for :func:`relative_position_bias`: the gathered (1, heads, n, m) bias of one
+    attention module, kept between forwards while nothing can change it (no autograd, module in eval mode).
+
+    The key holds the table's storage pointer and in-place version counter (bumped by ``load_state_dict``,
+    optimiser steps and ``.copy_``), the index's, and the dtype/device, so any change to the weights rebuilds
+    it; in training or with grad enabled the reference gather runs and nothing is kept."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._bias: torch.Tensor | None = None
+
+    def get(self, module: nn.Module, table: torch.Tensor, rpi: torch.Tensor, n: int) -> torch.Tensor:
+        if (module.training or torch.is_grad_enabled() or not fast_paths_enabled() or table.is_inference()
+                or rpi.is_inference()):
+            self._key = self._bias = None
+            return relative_position_bias(table, rpi, n)
+        # the tensors themselves are held (not just pointers), so their storage cannot be reused unseen
+        key = (table, table.data_ptr(), table._version, table.dtype, table.device,
+               rpi, rpi.data_ptr(), rpi._version, tuple(rpi.shape), n)
+        if self._key is None or self._bias is None or not _same_key(key, self._key):
+            self._bias = relative_position_bias(table, rpi, n).contiguous()
+            self._key = key
+        return self._bias
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    return all(x is y if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
+
+
+AttendFn = Callable[..., torch.Tensor]  # (q, k, v, bias, scale, impl) -> out, e.g. smt.kernels.window_attention
+
+
+def attend_windows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, scale: float, impl: str,
+                   attend: AttendFn, grid: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """Window attention over (B * nh * nw, heads, n, d) windows (row-major, as :func:`window_partition`) with a
+    (1, heads, n, n) relative-position ``bias``; ``grid = (nh, nw, ws, shift)`` adds the shifted-window mask
+    (None: unshifted windows). Returns (B * nh * nw, heads, n, d)."""
+    if grid is None:
+        return attend(q, k, v, bias, scale, impl)
+    nh, nw, ws, shift = grid
+    masks = shift_region_masks(ws, shift, q.device, bias.dtype)
+    q, k, v = (t.unflatten(0, (-1, nh, nw)) for t in (q, k, v))
+    if fast_paths_enabled() and not torch.is_grad_enabled():
+        # fast path: each group's output written into its place (one copy, not two concatenations)
+        result = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+        for r, rs in ((0, slice(0, nh - 1)), (1, slice(nh - 1, nh))):
+            for c, cs in ((0, slice(0, nw - 1)), (1, slice(nw - 1, nw))):
+                qs = q[:, rs, cs]
+                if qs.numel() == 0:
+                    continue
+                out = attend(qs.flatten(0, 2), k[:, rs, cs].flatten(0, 2), v[:, rs, cs].flatten(0, 2),
+                             bias + masks[r, c], scale, impl)
+                result[:, rs, cs] = out.unflatten(0, qs.shape[:3])
+        return result.flatten(0, 2)
+    rows = []
+    for r, rs in ((0, slice(0, nh - 1)), (1, slice(nh - 1, nh))):
+        cols = []
+        for c, cs in ((0, slice(0, nw - 1)), (1, slice(nw - 1, nw))):
+            qs = q[:, rs, cs]
+            if qs.numel() == 0:  # one window row or column: no interior windows
+                continue
+            out = attend(qs.flatten(0, 2), k[:, rs, cs].flatten(0, 2), v[:, rs, cs].flatten(0, 2),
+                         bias + masks[r, c], scale, impl)
+            cols.append(out.unflatten(0, qs.shape[:3]))
+        if cols:
+            rows.append(torch.cat(cols, dim=2))
+    return torch.cat(rows, dim=1).flatten(0, 2)
 
 
 class Upsample(nn.Sequential):

@@ -24,9 +24,9 @@ import torch.utils.checkpoint as cp
 from einops import rearrange
 
 from smt.kernels.attention import AttentionImpl, window_attention
-from smt.models.common import (DropPath, Mlp, SRHeads, overlap_relative_position_index,
-                               pad_to_multiple, relative_position_index, shifted_window_mask, window_partition,
-                               window_reverse)
+from smt.models.common import (DropPath, Mlp, RelativeBiasCache, SRHeads, attend_windows,
+                               overlap_relative_position_index, pad_to_multiple, relative_position_index,
+                               window_partition, window_reverse)
 
 __all__ = ["HAT"]
 
@@ -71,23 +71,21 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self._bias_cache = RelativeBiasCache()
 
-    def forward(self, x: torch.Tensor, rpi: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, rpi: torch.Tensor, grid: tuple[int, int, int, int] | None,
                 impl: AttentionImpl) -> torch.Tensor:
-        n = x.shape[1]
+        """``x`` (B*nW, n, C) windows; ``grid`` (nh, nw, ws, shift) for shifted windows (see
+        :func:`smt.models.common.attend_windows`), None for unshifted ones."""
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        bias = self.relative_position_bias_table[rpi.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1)
-        bias = bias.unsqueeze(0)  # (1, heads, n, n)
-        if mask is not None:  # (nW, n, n): windows are the fastest-varying part of the batch axis
-            nw = mask.shape[0]
-            bias = (bias.unsqueeze(0) + mask[None, :, None]).expand(x.shape[0] // nw, -1, -1, -1, -1)
-            bias = bias.reshape(x.shape[0], self.num_heads, n, n)
-        if self.training and self.attn_drop > 0:
-            attn = (q * self.scale) @ k.transpose(-2, -1) + bias
-            out = F.dropout(attn.softmax(-1), self.attn_drop) @ v
-        else:
-            out = window_attention(q, k, v, bias, self.scale, impl)
+        bias = self._bias_cache.get(self, self.relative_position_bias_table, rpi, x.shape[1])
+        attend = self._attend_with_dropout if self.training and self.attn_drop > 0 else window_attention
+        out = attend_windows(q, k, v, bias, self.scale, impl, attend, grid)
         return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+
+    def _attend_with_dropout(self, q, k, v, bias, scale, impl) -> torch.Tensor:
+        attn = (q * scale) @ k.transpose(-2, -1) + bias
+        return F.dropout(attn.softmax(-1), self.attn_drop) @ v
 
 
 class HAB(nn.Module):
@@ -108,7 +106,7 @@ class HAB(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def forward(self, x: torch.Tensor, x_size: tuple[int, int], rpi: torch.Tensor, mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, x_size: tuple[int, int], rpi: torch.Tensor,
                 impl: AttentionImpl) -> torch.Tensor:
         h, w = x_size
         shortcut = x
@@ -118,7 +116,7 @@ class HAB(nn.Module):
         s, ws = self.shift_size, self.window_size
         if s > 0:
             x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
-        attn = self.attn(window_partition(x, ws), rpi, mask if s > 0 else None, impl)
+        attn = self.attn(window_partition(x, ws), rpi, (h // ws, w // ws, ws, s) if s > 0 else None, impl)
         x = window_reverse(attn, ws, h, w)
         if s > 0:
             x = torch.roll(x, shifts=(s, s), dims=(1, 2))
@@ -140,6 +138,7 @@ class OCAB(nn.Module):
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((window_size + self.overlap_win_size - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self._bias_cache = RelativeBiasCache()
         self.proj = nn.Linear(dim, dim)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -155,8 +154,8 @@ class OCAB(nn.Module):
         kv = F.unfold(torch.cat((qkv[1], qkv[2]), dim=1), kernel_size=ows, stride=ws, padding=(ows - ws) // 2)
         k, v = rearrange(kv, "b (two c ow1 ow2) nw -> two (b nw) (ow1 ow2) c", two=2, ow1=ows, ow2=ows)
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
-        bias = self.relative_position_bias_table[rpi.reshape(-1)].reshape(ws * ws, ows * ows, -1)
-        out = window_attention(q, k, v, bias.permute(2, 0, 1).unsqueeze(0), self.scale, impl)
+        bias = self._bias_cache.get(self, self.relative_position_bias_table, rpi, ws * ws)
+        out = window_attention(q, k, v, bias, self.scale, impl)
         x = window_reverse(rearrange(out, "b h n d -> b n (h d)"), ws, h, w)
         x = self.proj(rearrange(x, "b h w c -> b (h w) c")) + shortcut
         return x + self.mlp(self.norm2(x))
@@ -179,7 +178,7 @@ class AttenBlocks(nn.Module):
 
     def forward(self, x: torch.Tensor, x_size: tuple[int, int], params: dict) -> torch.Tensor:
         for blk in self.blocks:
-            args = (x, x_size, params["rpi_sa"], params["attn_mask"], params["impl"])
+            args = (x, x_size, params["rpi_sa"], params["impl"])
             x = cp.checkpoint(blk, *args, use_reentrant=False) if self.use_checkpoint and self.training \
                 else blk(*args)
         return self.overlap_attn(x, x_size, params["rpi_oca"], params["impl"])
@@ -269,7 +268,6 @@ class HAT(SRHeads):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x_size = (x.shape[2], x.shape[3])
         params = {
-            "attn_mask": shifted_window_mask(*x_size, self.window_size, self.shift_size).to(x.device, x.dtype),
             "rpi_sa": self.relative_position_index_SA, "rpi_oca": self.relative_position_index_OCA,
             "impl": self.attn_impl,
         }

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["CheckpointError", "LoadReport", "read_state_dict", "load_weights", "compare_state_dicts"]
+__all__ = ["CheckpointError", "LoadReport", "read_state_dict", "read_metadata", "load_weights", "compare_state_dicts"]
 
 _CONTAINER_KEYS = ("params_ema", "params", "state_dict", "model")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -81,6 +81,20 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
         raise CheckpointError(f"{path}: no state dict found (looked for a tensor mapping, or one under "
                               f"{', '.join(_CONTAINER_KEYS)})")
     return {_strip(k): v for k, v in obj.items()}, container
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` header (``{}`` for other formats)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return fh.metadata() or {}
+    except Exception as exc:  # corrupt header
+        raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from None
 
 
 def compare_state_dicts(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor],

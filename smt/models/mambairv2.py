@@ -1,8 +1,14 @@
-"""MambaIRv2: attentive state-space restoration (Guo et al., CVPR 2025), x2/x3/x4 classic SR variant.
+"""MambaIRv2: attentive state-space restoration (Guo et al., CVPR 2025), and MambaIRv2Light.
 
 Written from the paper and the official code's structure (csguoh/MambaIR, ``basicsr/archs/mambairv2_arch.py``):
 module and parameter names, constructor arguments, layer order and constants are those of the official class,
-so the official ``params`` checkpoints load with ``strict=True``.
+so the official ``params`` checkpoints load with ``strict=True``. Every head of the official class is
+implemented: ``upsampler='pixelshuffle'`` (classic SR), ``'pixelshuffledirect'`` (lightweight SR: one conv to
+``scale**2 * in_chans`` channels and a pixel shuffle), ``'nearest+conv'`` (real-world SR, x4 only: two nearest x2
+steps each followed by a conv) and ``''`` (x1 restoration: denoising and JPEG artefact removal, the output is the
+input plus a residual). :class:`MambaIRv2Light` (``basicsr/archs/mambairv2light_arch.py``) is the same network
+with a gated MLP (``GatedMLP``: fc1, GELU, a half-channel gate of LayerNorm and a 5x5 depthwise conv, fc2) in
+place of each ConvFFN.
 
 The attentive state-space module (ASSM) routes every pixel to one of ``num_tokens`` learned prompts, sorts the
 pixels by route so semantically similar ones are adjacent, runs one selective scan over the sorted sequence with
@@ -29,11 +35,13 @@ from einops import rearrange
 
 from smt.kernels.attention import AttentionImpl, window_attention
 from smt.kernels.selective_scan import ScanImpl, selective_scan
-from smt.models.common import (SRHeads, pad_to_multiple, relative_position_index,
-                               shifted_window_mask, window_partition, window_reverse)
+from smt.models.common import (RelativeBiasCache, SRHeads, attend_windows, pad_to_multiple,
+                               relative_position_index, window_partition, window_reverse)
 from smt.models.hat import _init_weights, _PatchEmbed
 
-__all__ = ["MambaIRv2"]
+__all__ = ["MambaIRv2", "MambaIRv2Light", "UPSAMPLERS"]
+
+UPSAMPLERS = ("pixelshuffle", "pixelshuffledirect", "nearest+conv", "")
 
 Routing = Literal["gumbel", "argmax"]
 
@@ -65,6 +73,35 @@ class ConvFFN(nn.Module):
         return self.fc2(x + self.dwconv(x, x_size))
 
 
+class Gate(nn.Module):
+    """Spatial gate of MambaIRv2Light: the second half of the channels, normalised and depthwise-convolved,
+    multiplies the first half."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.conv = nn.Conv2d(dim, dim, 5, 1, 2, groups=dim)
+
+    def forward(self, x: torch.Tensor, x_size: tuple[int, int]) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        x2 = self.conv(rearrange(self.norm(x2), "b (h w) c -> b c h w", h=x_size[0]))
+        return x1 * rearrange(x2, "b c h w -> b (h w) c")
+
+
+class GatedMLP(nn.Module):
+    """MambaIRv2Light's feed-forward: fc1 -> GELU -> gate (halves the channels) -> fc2."""
+
+    def __init__(self, in_features: int, hidden_features: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.sg = Gate(hidden_features // 2)
+        self.fc2 = nn.Linear(hidden_features // 2, in_features)
+
+    def forward(self, x: torch.Tensor, x_size: tuple[int, int]) -> torch.Tensor:
+        return self.fc2(self.sg(self.act(self.fc1(x)), x_size))
+
+
 class WindowAttention(nn.Module):
     """Window attention over precomputed qkv (the layer's ``wqkv`` projects), relative-position bias."""
 
@@ -75,17 +112,15 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         self.proj = nn.Linear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self._bias_cache = RelativeBiasCache()  # eval/no-grad fast path; training gathers every call
 
-    def forward(self, qkv: torch.Tensor, rpi: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, qkv: torch.Tensor, rpi: torch.Tensor, grid: tuple[int, int, int, int] | None,
                 impl: AttentionImpl) -> torch.Tensor:
-        n = qkv.shape[1]
+        """``qkv`` (B*nW, n, 3C) windows; ``grid`` (nh, nw, ws, shift) for shifted windows (see
+        :func:`smt.models.common.attend_windows`), None for unshifted ones."""
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
-        bias = self.relative_position_bias_table[rpi.reshape(-1)].reshape(n, n, -1).permute(2, 0, 1).unsqueeze(0)
-        if mask is not None:
-            nw = mask.shape[0]
-            bias = (bias.unsqueeze(0) + mask[None, :, None]).expand(qkv.shape[0] // nw, -1, -1, -1, -1)
-            bias = bias.reshape(qkv.shape[0], self.num_heads, n, n)
-        out = window_attention(q, k, v, bias, self.scale, impl)
+        bias = self._bias_cache.get(self, self.relative_position_bias_table, rpi, qkv.shape[1])
+        out = attend_windows(q, k, v, bias, self.scale, impl, window_attention, grid)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -168,7 +203,7 @@ class AttentiveLayer(nn.Module):
 
     def __init__(self, dim: int, d_state: int, num_heads: int, window_size: int, shift_size: int, inner_rank: int,
                  num_tokens: int, convffn_kernel_size: int, mlp_ratio: float, qkv_bias: bool,
-                 norm_layer: type[nn.Module]) -> None:
+                 norm_layer: type[nn.Module], gated_ffn: bool = False) -> None:
         super().__init__()
         self.window_size, self.shift_size = window_size, shift_size
         self.norm1, self.norm2, self.norm3, self.norm4 = (norm_layer(dim) for _ in range(4))
@@ -178,8 +213,12 @@ class AttentiveLayer(nn.Module):
         self.win_mhsa = WindowAttention(dim, window_size, num_heads)
         self.assm = ASSM(dim, d_state, num_tokens, inner_rank, mlp_ratio)
         hidden = int(dim * mlp_ratio)
-        self.convffn1 = ConvFFN(dim, hidden, convffn_kernel_size)
-        self.convffn2 = ConvFFN(dim, hidden, convffn_kernel_size)
+        if gated_ffn:  # MambaIRv2Light
+            self.convffn1: nn.Module = GatedMLP(dim, hidden)
+            self.convffn2: nn.Module = GatedMLP(dim, hidden)
+        else:
+            self.convffn1 = ConvFFN(dim, hidden, convffn_kernel_size)
+            self.convffn2 = ConvFFN(dim, hidden, convffn_kernel_size)
         self.embeddingA = nn.Embedding(inner_rank, d_state)
         nn.init.uniform_(self.embeddingA.weight, -1 / inner_rank, 1 / inner_rank)
 
@@ -190,8 +229,8 @@ class AttentiveLayer(nn.Module):
         qkv = rearrange(self.wqkv(self.norm1(x)), "b (h w) c -> b h w c", h=h)
         if s > 0:
             qkv = torch.roll(qkv, shifts=(-s, -s), dims=(1, 2))
-        attn = self.win_mhsa(window_partition(qkv, ws), params["rpi_sa"], params["attn_mask"] if s > 0 else None,
-                             params["attn_impl"])
+        grid = (h // ws, w // ws, ws, s) if s > 0 else None  # shifted windows: masked across regions
+        attn = self.win_mhsa(window_partition(qkv, ws), params["rpi_sa"], grid, params["attn_impl"])
         attn = window_reverse(attn, ws, h, w)
         if s > 0:
             attn = torch.roll(attn, shifts=(s, s), dims=(1, 2))
@@ -249,6 +288,8 @@ def _three_conv(dim: int) -> nn.Sequential:
 class MambaIRv2(SRHeads):
     """MambaIRv2 for SR. Arguments as the official class; ours (keyword-only) after ``resi_connection``."""
 
+    _gated_ffn = False  # MambaIRv2Light: GatedMLP instead of ConvFFN
+
     def __init__(self, img_size: int = 64, patch_size: int = 1, in_chans: int = 3, embed_dim: int = 48,
                  d_state: int = 8, depths: Sequence[int] = (6, 6, 6, 6), num_heads: Sequence[int] = (4, 4, 4, 4),
                  window_size: int = 16, inner_rank: int = 32, num_tokens: int = 64, convffn_kernel_size: int = 5,
@@ -278,13 +319,70 @@ class MambaIRv2(SRHeads):
             ASSB(dim=embed_dim, resi_connection=resi_connection, depth=depth, use_checkpoint=use_checkpoint,
                  window_size=window_size, d_state=d_state, num_heads=heads, inner_rank=inner_rank,
                  num_tokens=num_tokens, convffn_kernel_size=convffn_kernel_size, mlp_ratio=mlp_ratio,
-                 qkv_bias=qkv_bias, norm_layer=norm_layer)
+                 qkv_bias=qkv_bias, norm_layer=norm_layer, gated_ffn=self._gated_ffn)
             for depth, heads in zip(depths, num_heads)])
         self.norm = norm_layer(embed_dim)
         self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1) if resi_connection == "1conv" \
             else _three_conv(embed_dim)
         self._build_heads(embed_dim, in_chans, num_feat)
         self.apply(_init_weights)
+
+    # --- heads: the official four upsamplers (auxiliary heads only with 'pixelshuffle') ---------------------
+
+    def _check_args(self, upsampler, patch_size, depths, num_heads, upscale, aux_scales) -> None:
+        name = type(self).__name__
+        if upsampler not in UPSAMPLERS:
+            raise ValueError(f"{name}: upsampler must be one of {', '.join(map(repr, UPSAMPLERS))}, "
+                             f"got {upsampler!r}")
+        if upsampler == "nearest+conv" and upscale != 4:
+            raise ValueError(f"{name}: upsampler='nearest+conv' supports upscale 4 only, got {upscale}")
+        if upsampler == "" and upscale != 1:
+            raise ValueError(f"{name}: upsampler='' (denoising / JPEG artefact removal) needs upscale 1, "
+                             f"got {upscale}")
+        if upsampler != "pixelshuffle" and aux_scales:
+            raise ValueError(f"{name}: aux_scales need upsampler='pixelshuffle', got {upsampler!r}")
+        super()._check_args("pixelshuffle", patch_size, depths, num_heads, upscale, aux_scales)
+
+    def _build_heads(self, embed_dim: int, in_chans: int, num_feat: int = 64) -> None:
+        if self.upsampler == "pixelshuffle":
+            super()._build_heads(embed_dim, in_chans, num_feat)
+        elif self.upsampler == "pixelshuffledirect":
+            # official UpsampleOneStep: parameters 'upsample.0.*'
+            self.upsample = nn.Sequential(nn.Conv2d(embed_dim, self.upscale ** 2 * in_chans, 3, 1, 1),
+                                          nn.PixelShuffle(self.upscale))
+        elif self.upsampler == "nearest+conv":
+            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1),
+                                                      nn.LeakyReLU(inplace=True))
+            self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+            self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+            self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+            self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
+            self.lrelu = nn.LeakyReLU(0.2, inplace=True)
+        else:  # '': x1 restoration, a residual on the input
+            self.conv_last = nn.Conv2d(embed_dim, in_chans, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.upsampler == "pixelshuffle":
+            return super().forward(x)
+        feat, h, w = self._body(x)
+        if self.upsampler == "pixelshuffledirect":
+            y = self.upsample(feat)
+        elif self.upsampler == "nearest+conv":
+            y = self.conv_before_upsample(feat)
+            y = self.lrelu(self.conv_up1(F.interpolate(y, scale_factor=2, mode="nearest")))
+            y = self.lrelu(self.conv_up2(F.interpolate(y, scale_factor=2, mode="nearest")))
+            y = self.conv_last(self.lrelu(self.conv_hr(y)))
+        else:
+            # the normalised, padded input, recomputed exactly as _body makes it
+            xn = (pad_to_multiple(x, self.window_size, "symmetric")[0] - self.mean.to(x.dtype)) * self.img_range
+            y = xn + self.conv_last(feat)
+        y = y / self.img_range + self.mean.to(y.dtype)
+        return y[..., : h * self.upscale, : w * self.upscale]
+
+    def forward_multiscale(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        if self.upsampler != "pixelshuffle":
+            return {self.upscale: self(x)}
+        return super().forward_multiscale(x)
 
     def forward_features(self, x: torch.Tensor, params: dict) -> torch.Tensor:
         x_size = (x.shape[2], x.shape[3])
@@ -299,10 +397,15 @@ class MambaIRv2(SRHeads):
         x, h, w = pad_to_multiple(x, self.window_size, "symmetric")
         x = (x - self.mean.to(x.dtype)) * self.img_range
         params = {
-            "attn_mask": shifted_window_mask(x.shape[2], x.shape[3], self.window_size, self.window_size // 2)
-            .to(x.device, x.dtype),
             "rpi_sa": self.relative_position_index_SA, "routing": self.routing, "attn_impl": self.attn_impl,
             "scan_impl": self.scan_impl,
         }
         x = self.conv_first(x)
         return self.conv_after_body(self.forward_features(x, params)) + x, h, w
+
+
+class MambaIRv2Light(MambaIRv2):
+    """MambaIRv2-light (official ``MambaIRv2Light``): MambaIRv2 with GatedMLP feed-forwards; same arguments
+    (the released lightweight-SR checkpoints use ``mlp_ratio=1.0``, ``upsampler='pixelshuffledirect'``)."""
+
+    _gated_ffn = True

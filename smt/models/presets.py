@@ -1,7 +1,10 @@
-"""Model presets as plain data: architecture name + constructor arguments (x4 SR).
+"""Model presets as plain data: architecture name + constructor arguments (x4 SR unless noted).
 
 The L/base/S values are those of the official option files (XPixelGroup/HAT ``options/test/HAT*_SRx4*.yml``,
-csguoh/MambaIR ``options/test/mambairv2/test_MambaIRv2_SR*_x4.yml``). The ``*_tiny`` variants are ours: small
+csguoh/MambaIR ``options/test/mambairv2/test_MambaIRv2_SR*_x4.yml``; ``mambairv2_light`` from
+``test_MambaIRv2_lightSR_x4.yml``, ``mambairv2_dn`` (colour denoising, x1) from ``test_MambaIRv2_ColorDN_*.yml``,
+``mambairv2_car`` (grayscale JPEG artefact removal, x1) from ``test_MambaIRv2_CAR_*.yml``; other scales of a
+family: ``build_model(name, upscale=2)``). The ``*_tiny`` variants are ours: small
 enough to train for minutes on two CPU cores in the demo profile, same block structure.
 """
 from __future__ import annotations
@@ -27,6 +30,14 @@ PRESETS: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType({
     "mambairv2_l": ("mambairv2", {**_MAMBA, "embed_dim": 174, "depths": (6,) * 9, "num_heads": (6,) * 9}),
     "mambairv2": ("mambairv2", {**_MAMBA, "embed_dim": 174, "depths": (6,) * 6, "num_heads": (6,) * 6}),
     "mambairv2_s": ("mambairv2", {**_MAMBA, "embed_dim": 132, "depths": (4,) * 6, "num_heads": (4,) * 6}),
+    # the other released MambaIRv2 families (csguoh/MambaIR options/test/mambairv2/*.yml)
+    "mambairv2_light": ("mambairv2light", {**_MAMBA, "upsampler": "pixelshuffledirect", "embed_dim": 48,
+                                           "d_state": 8, "depths": (5,) * 4, "num_heads": (4,) * 4,
+                                           "inner_rank": 32, "num_tokens": 64, "mlp_ratio": 1.0}),
+    "mambairv2_dn": ("mambairv2", {**_MAMBA, "img_size": 128, "upscale": 1, "upsampler": "", "embed_dim": 174,
+                                   "depths": (6,) * 6, "num_heads": (6,) * 6}),
+    "mambairv2_car": ("mambairv2", {**_MAMBA, "img_size": 126, "in_chans": 1, "upscale": 1, "upsampler": "",
+                                    "embed_dim": 174, "depths": (6,) * 6, "num_heads": (6,) * 6}),
     # demo variants: window 8, two groups of two blocks
     "hat_tiny": ("hat", {**_HAT, "img_size": 32, "window_size": 8, "embed_dim": 32, "depths": (2, 2),
                          "num_heads": (2, 2), "squeeze_factor": 8, "drop_path_rate": 0.0, "num_feat": 32}),

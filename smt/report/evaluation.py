@@ -16,11 +16,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from smt.config import DataConfig, ReportConfig
-from smt.data.dataset_builder import has_hr, read_manifest
 from smt.data.images import read_image
+from smt.data.manifest import has_hr, read_manifest
 from smt.evaluate import METRIC_COLUMNS, bicubic_upscale, evaluate_folder, get_protocol, summarize
+from smt.figures import pyplot, save_crop_grid, save_figure
 from smt.metrics import evaluate_pair
-from smt.report.figures import save_crop_grid, save_figure
 from smt.report.index import write_index, write_metrics
 
 __all__ = ["EvaluationResult", "run_evaluation", "final_method", "gains_over_bicubic", "below_bicubic",
@@ -83,10 +83,7 @@ def generalisation_note(gains: pd.DataFrame, method: str) -> str:
 
 def _gain_chart(gains: pd.DataFrame, path: Path) -> Path | None:
     """Per-image PSNR-Y gain over bicubic of every method, one panel per split."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if gains.empty:
         return None
@@ -118,10 +115,7 @@ def _method_folders(results_dir: Path, split: str, order: list[str]) -> dict[str
 
 
 def _fusion_plot(fusion: dict, path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if not fusion:
         return None

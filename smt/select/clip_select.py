@@ -34,6 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from smt.config import SelectConfig
+from smt.files import atomic_path
 
 __all__ = ["SelectionError", "ClipEncoder", "load_encoder", "embed_images", "rank_pool", "run_selection",
            "SelectionResult", "selection_figure"]
@@ -51,10 +52,17 @@ class ClipEncoder:
     preprocess: object
     key: str  # identifies model + weights for the cache
     untrained: bool
+    device: torch.device = torch.device("cpu")  # where the model is; images are sent there
 
 
-def load_encoder(cfg: SelectConfig, device: str = "cpu") -> ClipEncoder:
+def load_encoder(cfg: SelectConfig, device: str | torch.device | None = None) -> ClipEncoder:
+    """The CLIP image encoder of ``cfg``, on ``device`` (default: ``cfg.device``, where ``auto`` means this
+    process's GPU when there is one, see :func:`smt.distributed.device_for`)."""
     import open_clip
+
+    from smt.distributed import device_for
+
+    device = torch.device(device) if device is not None else device_for(cfg.device)
 
     if cfg.model == "smt-tiny-vit":
         open_clip.add_model_config(TINY_CONFIG)
@@ -78,7 +86,7 @@ def load_encoder(cfg: SelectConfig, device: str = "cpu") -> ClipEncoder:
     weights = "untrained" if untrained else (cfg.pretrained if not Path(cfg.pretrained).is_file()
                                              else hashlib.sha256(Path(cfg.pretrained).read_bytes()).hexdigest()[:16])
     key = f"{cfg.model}-{weights}-seed{cfg.seed}-crops{cfg.crops}"
-    return ClipEncoder(model, preprocess, key, untrained)
+    return ClipEncoder(model, preprocess, key, untrained, device)
 
 
 def _views(img: Image.Image, crops: int) -> list[Image.Image]:
@@ -112,12 +120,11 @@ def embed_images(paths: Sequence[Path], encoder: ClipEncoder, cache_dir: Path, c
             views = _views(im.convert("RGB"), crops)
         feats = []
         for k in range(0, len(views), batch_size):
-            batch = torch.stack([encoder.preprocess(v) for v in views[k:k + batch_size]])
+            batch = torch.stack([encoder.preprocess(v) for v in views[k:k + batch_size]]).to(encoder.device)
             feats.append(torch.nn.functional.normalize(encoder.model.encode_image(batch).float(), dim=-1))
-        emb = torch.nn.functional.normalize(torch.cat(feats).mean(0), dim=0).numpy()
-        tmp = f.with_suffix(".tmp.npy")
-        np.save(tmp, emb)
-        tmp.replace(f)
+        emb = torch.nn.functional.normalize(torch.cat(feats).mean(0), dim=0).cpu().numpy()
+        with atomic_path(f) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, emb)
         out[i] = emb
     return np.stack(out) if out else np.zeros((0, 0)), len(todo)
 
@@ -168,7 +175,7 @@ def run_selection(cfg: SelectConfig, data_root: str | Path, out_dir: str | Path)
     """Embed, rank and write ``selection.csv`` (id, source, score, rank) + ``selection.json`` (settings, flags)."""
     import time
 
-    from smt.data.dataset_builder import read_manifest
+    from smt.data.manifest import read_manifest
 
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)  # untrained weights are seeded, so their "features" are reproducible
@@ -195,7 +202,8 @@ def run_selection(cfg: SelectConfig, data_root: str | Path, out_dir: str | Path)
     (out_dir / "selection.json").write_text(json.dumps({
         "model": cfg.model, "pretrained": cfg.pretrained, "features_untrained": encoder.untrained,
         "pool_images": len(pool), "target_images": len(target_paths), "selected": len(chosen),
-        "settings": {k: v for k, v in cfg.__dict__.items()}}, indent=2, default=list) + "\n")
+        "settings": {k: v for k, v in cfg.__dict__.items() if k != "device"}},  # device: how, not what
+        indent=2, default=list) + "\n")
     return SelectionResult(table, manifest, encoder.untrained, {"pool": n_pool, "targets": n_target},
                            time.perf_counter() - start)
 
@@ -203,13 +211,10 @@ def run_selection(cfg: SelectConfig, data_root: str | Path, out_dir: str | Path)
 def selection_figure(result: SelectionResult, data_root: str | Path, target_splits: Sequence[str], path: str | Path,
                      n_show: int = 4) -> Path:
     """Score histogram, counts per source, and thumbnails: targets, top picks, bottom of the pool."""
-    import matplotlib
+    from smt.data.manifest import read_manifest
+    from smt.figures import pyplot, save_figure, show_thumbnail
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from smt.data.dataset_builder import read_manifest
-    from smt.report.figures import save_figure, show_thumbnail
+    plt = pyplot()
 
     root = Path(data_root)
     table = result.table

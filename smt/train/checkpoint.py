@@ -10,13 +10,13 @@ from __future__ import annotations
 import copy
 import os
 import random
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from smt.files import atomic_path
 
 __all__ = ["EMA", "atomic_save", "rng_state", "set_rng_state", "save_safetensors", "safetensors_bytes"]
 
@@ -46,15 +46,8 @@ class EMA:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def safetensors_bytes(state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -77,16 +70,9 @@ def safetensors_bytes(state_dict: dict[str, torch.Tensor], metadata: dict[str, s
 
 def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """Write :func:`safetensors_bytes` atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = safetensors_bytes(state_dict, metadata)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def rng_state() -> dict:

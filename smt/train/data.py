@@ -20,10 +20,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
+from smt.config import AugmentSpec
 from smt.data.augment import PERMUTATIONS, color_matrix, degrade_patch
-from smt.data.dataset_builder import read_manifest
 from smt.data.images import read_image
-from smt.train.config import AugmentSpec
+from smt.data.manifest import read_manifest
+from smt.seeds import sampler_step_seed
 
 __all__ = ["PatchSpec", "PairedPatchDataset", "GlobalBatchSampler", "read_subset"]
 
@@ -173,7 +174,7 @@ class GlobalBatchSampler(Sampler):
         self.start_step = start_step
 
     def draw(self, step: int) -> list[PatchSpec]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(sampler_step_seed(self.seed, step))
         p, n = self.patch_size, self.global_batch
         images = torch.randint(len(self.sizes), (n,), generator=g).tolist()
         corners = torch.rand(n, 2, generator=g).tolist()

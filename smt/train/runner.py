@@ -3,40 +3,40 @@ its report (loss curves, validation PSNR against bicubic, visual crops)."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+from smt.config import DataConfig, TrainConfig, load_section
+from smt.data.images import image_to_tensor, read_image, tensor_to_image
+from smt.data.manifest import read_manifest
+from smt.distributed import device_for, torchrun
+from smt.evaluate import bicubic_upscale
+from smt.figures import pyplot, save_crop_grid, save_figure
+from smt.models import load_model
+from smt.train.engine import exported_weights, run_dir, train_stage
 
-from smt.config import DataConfig, load_section  # noqa: E402
-from smt.data.dataset_builder import read_manifest  # noqa: E402
-from smt.data.images import image_to_tensor, read_image, tensor_to_image  # noqa: E402
-from smt.distributed import torchrun  # noqa: E402
-from smt.evaluate import bicubic_upscale  # noqa: E402
-from smt.models import build_model, load_weights  # noqa: E402
-from smt.report.figures import save_crop_grid, save_figure  # noqa: E402
-from smt.train.config import TrainConfig  # noqa: E402
-from smt.train.engine import run_dir, train_stage  # noqa: E402
-
-__all__ = ["run_training_stage", "stage_report", "StageReport", "load_trained"]
+__all__ = ["run_training_stage", "stage_report", "StageReport"]
 
 
 def run_training_stage(params_path: str, model: str, round_: int, stage: str,
                        timings_path: str | Path | None = None) -> dict:
     """Train (model, round, stage) in-process, or under torchrun when ``train.nproc``/``nnodes`` > 1. Returns the
     run's ``metrics.json`` (validation PSNR-Y, steps). Wall-clock seconds are a measurement of this run, not a
-    result: they are kept out of the run folder (a DVC output) and written to ``timings_path`` when given."""
+    result: they are kept out of the run folder (a DVC output) and written to ``timings_path`` when given, with
+    (in-process runs) this session's ``step_seconds`` and, on CUDA, ``peak_mb`` (see ``StageResult``)."""
     data_cfg: DataConfig = load_section("data", params_path)
     cfg: TrainConfig = load_section("train", params_path)
     if model not in cfg.models:
         raise KeyError(f"unknown model {model!r} (train.models has: {', '.join(cfg.models)})")
+    session = {}
     if cfg.nproc == 1 and cfg.nnodes == 1:
-        train_stage(cfg, model, round_, stage, data_cfg.root, data_cfg.scale)
+        result = train_stage(cfg, model, round_, stage, data_cfg.root, data_cfg.scale)
+        # this session's step time and peak GPU memory (JSON has no NaN: left out where not measured)
+        session = {k: getattr(result, k) for k in ("step_seconds", "peak_mb") if math.isfinite(getattr(result, k))}
     else:
         torchrun(cfg.nproc, ["train", "--params", params_path, "--model", model, "--round", str(round_),
                              "--stage", stage], cfg.nnodes)
@@ -47,16 +47,8 @@ def run_training_stage(params_path: str, model: str, round_: int, stage: str,
         path.write_text(json.dumps(metrics, indent=2) + "\n")
         if timings_path is not None:
             Path(timings_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(timings_path).write_text(json.dumps({"train_seconds": seconds}, indent=2) + "\n")
+            Path(timings_path).write_text(json.dumps({"train_seconds": seconds, **session}, indent=2) + "\n")
     return metrics
-
-
-def load_trained(cfg: TrainConfig, model: str, round_: int, stage: str, device: str = "cpu",
-                 **overrides) -> torch.nn.Module:
-    """The exported EMA model of a finished stage (main head only unless ``aux_scales`` is overridden)."""
-    net = build_model(cfg.models[model].preset, **overrides).to(device).eval()
-    load_weights(net, run_dir(cfg, model, round_, stage) / "model.safetensors", ignore_unexpected=("aux_heads.",))
-    return net
 
 
 @dataclass
@@ -72,7 +64,7 @@ def stage_report(cfg: TrainConfig, data_cfg: DataConfig, model: str, round_: int
     out_dir.mkdir(parents=True, exist_ok=True)
     run = run_dir(cfg, model, round_, stage)
     train_log, val_log = pd.read_csv(run / "train_log.csv"), pd.read_csv(run / "val_log.csv")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(9, 3.2))
     for col in [c for c in train_log.columns if c.startswith("loss")]:
         ax1.plot(train_log["step"], train_log[col], label=col, lw=1)
     ax1.set_yscale("log"), ax1.set_xlabel("step"), ax1.legend(fontsize=7), ax1.set_title("training loss")
@@ -82,13 +74,13 @@ def stage_report(cfg: TrainConfig, data_cfg: DataConfig, model: str, round_: int
     fig.tight_layout()
     curves = save_figure(fig, out_dir / "curves.png")
 
-    net = load_trained(cfg, model, round_, stage, routing="argmax") if "mamba" in model else \
-        load_trained(cfg, model, round_, stage)
+    device = device_for(cfg.device)  # the L models on full validation images: the training stage's device
+    net = load_model(exported_weights(cfg, model, round_, stage), cfg.models[model].preset, device, routing="argmax")
     rows = []
     for row in read_manifest(data_cfg.root, "valid").head(num_crops).itertuples():
         lr, hr = read_image(Path(data_cfg.root) / row.lr_path), read_image(Path(data_cfg.root) / row.hr_path)
         with torch.no_grad():
-            sr = tensor_to_image(net(image_to_tensor(lr)))
+            sr = tensor_to_image(net(image_to_tensor(lr, device)))
         rows.append((row.id, {"HR": hr, "bicubic": bicubic_upscale(lr, data_cfg.scale), model: sr}))
     crops = out_dir / "crops.png"
     save_crop_grid(crops, rows, crop_size)

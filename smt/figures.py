@@ -1,16 +1,27 @@
-"""Small PNG figures for the reports: zoomed visual crops side by side."""
+"""Figures for every stage's report, the shared plotting layer at the bottom of the package: small PNGs
+(zoomed visual crops side by side, thumbnails, any figure saved at 80 dpi).
+
+Importing this module selects no matplotlib backend: :func:`pyplot` selects the non-interactive Agg backend
+when the first figure is drawn, so importing a stage's code never changes a notebook's or a session's
+plotting setup."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Mapping
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+__all__ = ["pyplot", "most_detailed_crop", "save_crop_grid", "save_thumbnails", "show_thumbnail", "save_figure"]
 
-__all__ = ["most_detailed_crop", "save_crop_grid", "save_thumbnails", "show_thumbnail", "save_figure"]
+
+def pyplot():
+    """``matplotlib.pyplot`` drawing with the Agg backend (files only, no window), selected on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(fig, path: str | Path) -> Path:
@@ -18,7 +29,7 @@ def save_figure(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -50,7 +61,7 @@ def save_crop_grid(path: str | Path, rows: list[tuple[str, Mapping[str, np.ndarr
     ``rows`` holds ``(image_id, {method: uint8 image})``; ``scores[(image_id, method)]`` is printed as PSNR-Y.
     """
     methods = list(rows[0][1])
-    fig, axes = plt.subplots(len(rows), len(methods), figsize=(2.2 * len(methods), 2.3 * len(rows)), squeeze=False)
+    fig, axes = pyplot().subplots(len(rows), len(methods), figsize=(2.2 * len(methods), 2.3 * len(rows)), squeeze=False)
     for r, (img_id, images) in enumerate(rows):
         top, left = most_detailed_crop(images[methods[0]], crop_size)
         for c, m in enumerate(methods):
@@ -74,7 +85,7 @@ def save_thumbnails(root: str | Path, manifests: Mapping, path: str | Path, size
     entries = [(split, row) for split, df in manifests.items() for row in df.head(per_split).itertuples()]
     cols = min(6, max(1, len(entries)))
     nrows = -(-len(entries) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(1.9 * cols, 2.1 * nrows), squeeze=False)
+    fig, axes = pyplot().subplots(nrows, cols, figsize=(1.9 * cols, 2.1 * nrows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, (split, row) in zip(axes.ravel(), entries):

@@ -1,0 +1,160 @@
+"""Model inference speed on CPU against the same process's matmul throughput (issue 17).
+
+    python benchmarks/bench_models.py                    # HAT-L and MambaIRv2-L at 64 and 128 px
+    python benchmarks/bench_models.py --quick            # 64 px only, two timed repeats
+    python benchmarks/bench_models.py --models hat_l --sizes 64 --bf16
+
+Each case times the inference fast paths ("after") and, alternately in the same process, the reference paths
+(``smt.kernels.attention.reference_paths``: the code before issue 17's changes, "before"), so the speed-up is
+a same-process ratio under the same load. GFLOP/s and the matmul fraction are for the fast paths.
+
+For each case: the forward's median time, its FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``
+(matmuls, convolutions and SDPA only; elementwise work is not counted, and MambaIRv2's selective scan, a C++
+extension, is invisible to it, so its figure is a lower bound), the effective GFLOP/s, and that as a fraction
+of a 2048x2048 matmul's GFLOP/s measured in the same invocation (fp32, and bf16 when the CPU has native bf16
+units, detected at run time by :func:`smt.infer.precision.cpu_has_native_bf16`). Peak memory is the growth of
+the process's peak RSS (``ru_maxrss``) during the case, each case running in its own subprocess so the peak is
+its own (taken after the fast path's warm-up forward, before any reference run). The machines are shared:
+compare ratios from one invocation, not absolute times across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+MODELS = ("hat_l", "mambairv2_l")
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up (also fills eval-mode caches)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_gflops(dtype_name: str, n: int = 2048, repeats: int = 3) -> float:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return 2 * n ** 3 / _median_time(lambda: a @ b, repeats) / 1e9
+
+
+def run_case(model: str, size: int, precision: str, repeats: int, with_reference: bool) -> dict:
+    """Times the fast paths and (``with_reference``) the reference paths alternately in this process, so both
+    see the same machine load; peak RSS is taken after the fast path's warm-up, before any reference run."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from smt.infer.precision import with_precision
+    from smt.kernels.attention import reference_paths
+    from smt.models import build_model
+
+    torch.manual_seed(0)
+    base = _rss_mb()
+    net = build_model(model).eval()
+    fwd = with_precision(net, precision)
+    x = torch.rand(1, 3, size, size)
+
+    def timed(reference: bool) -> float:
+        t = time.perf_counter()
+        if reference:
+            with reference_paths():
+                fwd(x)
+        else:
+            fwd(x)
+        return time.perf_counter() - t
+
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            net(x)
+        flops = counter.get_total_flops()
+        timed(False)  # warm-up (fills the eval-mode caches)
+        peak = _rss_mb() - base
+        fast, ref = [], []
+        for _ in range(repeats):
+            fast.append(timed(False))
+            if with_reference:
+                ref.append(timed(True))
+    return {"model": model, "size": size, "precision": precision, "seconds": statistics.median(fast),
+            "reference_seconds": statistics.median(ref) if ref else None, "gflop": flops / 1e9,
+            "peak_rss_mb": peak}
+
+
+def _in_subprocess(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def cpu_features() -> dict:
+    import torch
+
+    from smt.infer.precision import cpu_flags, cpu_has_native_bf16
+
+    flags = cpu_flags()
+    return {"capability": torch.backends.cpu.get_cpu_capability(), "avx512f": "avx512f" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+            "native_bf16": cpu_has_native_bf16(), "threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--sizes", nargs="+", type=int, default=[64, 128])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="64 px only, two timed repeats")
+    p.add_argument("--bf16", action="store_true",
+                   help="also bf16 autocast and bf16 weights (slow on CPUs without native bf16)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the reference-path runs (smt.kernels.attention.reference_paths) of each case")
+    p.add_argument("--case", nargs=5, metavar=("MODEL", "SIZE", "PRECISION", "REPEATS", "WITH_REFERENCE"),
+                   help=argparse.SUPPRESS)
+    p.add_argument("--matmul", metavar="DTYPE", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.case:
+        m, s, prec, r, with_ref = args.case
+        print(json.dumps(run_case(m, int(s), prec, int(r), with_ref == "1")))
+        return
+    if args.matmul:
+        print(json.dumps({"gflops": matmul_gflops(args.matmul)}))
+        return
+    if any(s <= 0 for s in args.sizes) or args.repeats < 1:
+        p.error("--sizes and --repeats must be positive")
+    sizes, repeats = ([64], 2) if args.quick else (args.sizes, args.repeats)
+    feats = cpu_features()
+    print("CPU:", ", ".join(f"{k}={v}" for k, v in feats.items()))
+    if args.bf16 and not feats["native_bf16"]:
+        print("warning: this CPU has no native bf16 units (no avx512_bf16/amx_bf16): bf16 is emulated and slow")
+    precisions = ["fp32"] + (["bf16", "bf16-weights"] if args.bf16 else [])
+    peak = {"fp32": _in_subprocess(["--matmul", "float32"])["gflops"]}
+    if args.bf16:
+        peak["bf16"] = peak["bf16-weights"] = _in_subprocess(["--matmul", "bfloat16"])["gflops"]
+    print("matmul 2048^2: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items() if k != "bf16-weights"))
+    print(f"{'model':<12} {'px':>4} {'prec':<12} {'ref s':>7} {'fast s':>7} {'speed-up':>8} {'GFLOP':>7} "
+          f"{'GFLOP/s':>8} {'% matmul':>8} {'peak MB':>8}")
+    for model in args.models:
+        for size in sizes:
+            for prec in precisions:
+                r = _in_subprocess(["--case", model, str(size), prec, str(repeats), str(int(not args.no_reference))])
+                rate = r["gflop"] / r["seconds"]
+                ref = r["reference_seconds"]
+                ref_txt, gain = (f"{ref:>7.2f}", f"{ref / r['seconds']:.2f}x") if ref else ("", "")
+                print(f"{model:<12} {size:>4} {prec:<12} {ref_txt:>7} {r['seconds']:>7.2f} {gain:>8} "
+                      f"{r['gflop']:>7.1f} {rate:>8.1f} {100 * rate / peak[prec]:>7.0f}% {r['peak_rss_mb']:>8.0f}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

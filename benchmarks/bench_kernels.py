@@ -19,25 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import subprocess
 import sys
 import time
 
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _timeit(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from timing import median_time, rss_mb
 
 
 def run_case(case: str, repeats: int) -> dict:
@@ -46,7 +32,7 @@ def run_case(case: str, repeats: int) -> dict:
     from smt.kernels.selective_scan import selective_scan
 
     torch.manual_seed(0)
-    base = _rss_mb()
+    base = rss_mb()
     kind, *rest = case.split(":")
     if kind == "scan":
         impl, mode, length = rest[0], rest[1], int(rest[2])
@@ -68,7 +54,7 @@ def run_case(case: str, repeats: int) -> dict:
             if device == "cuda":
                 torch.cuda.synchronize()
 
-        sec = _timeit(step, repeats)
+        sec = median_time(step, repeats)
     elif kind == "model":
         from smt.models import build_model
 
@@ -82,11 +68,11 @@ def run_case(case: str, repeats: int) -> dict:
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "bf16"):
                 model(x)
 
-        sec = _timeit(step, repeats)
+        sec = median_time(step, repeats)
     else:
         raise ValueError(case)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and case.endswith(":cuda")
-            else _rss_mb() - base)
+            else rss_mb() - base)
     return {"case": case, "seconds": sec, "peak_mb": peak}
 
 

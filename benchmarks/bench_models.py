@@ -21,27 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
+from timing import median_time, rss_mb
+
 MODELS = ("hat_l", "mambairv2_l")
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (also fills eval-mode caches)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def matmul_gflops(dtype_name: str, n: int = 2048, repeats: int = 3) -> float:
@@ -49,7 +36,7 @@ def matmul_gflops(dtype_name: str, n: int = 2048, repeats: int = 3) -> float:
 
     dtype = getattr(torch, dtype_name)
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    return 2 * n ** 3 / _median_time(lambda: a @ b, repeats) / 1e9
+    return 2 * n ** 3 / median_time(lambda: a @ b, repeats) / 1e9
 
 
 def run_case(model: str, size: int, precision: str, repeats: int, with_reference: bool) -> dict:
@@ -63,7 +50,7 @@ def run_case(model: str, size: int, precision: str, repeats: int, with_reference
     from smt.models import build_model
 
     torch.manual_seed(0)
-    base = _rss_mb()
+    base = rss_mb()
     net = build_model(model).eval()
     fwd = with_precision(net, precision)
     x = torch.rand(1, 3, size, size)
@@ -82,7 +69,7 @@ def run_case(model: str, size: int, precision: str, repeats: int, with_reference
             net(x)
         flops = counter.get_total_flops()
         timed(False)  # warm-up (fills the eval-mode caches)
-        peak = _rss_mb() - base
+        peak = rss_mb() - base
         fast, ref = [], []
         for _ in range(repeats):
             fast.append(timed(False))

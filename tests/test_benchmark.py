@@ -3,7 +3,6 @@
 downloads from a 127.0.0.1 server (pin, resume, offline reuse, nothing half-written in ROOT) and the stage."""
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from smt.data.sources import load_sources
 from smt.evaluate import bicubic_upscale, evaluate_folder
 from smt.metrics import BASICSR, NTIRE2025
 from smt.models import CheckpointError, build_model
-from test_download import _Server  # the local HTTP server of the download tests (ranges, cuts)
+from test_download import _Server, _targz  # the download tests' local HTTP server (ranges, cuts), archives
 
 from conftest import REPO
 
@@ -259,16 +258,6 @@ def test_results_json_is_the_literature_mean_per_set(tmp_path):
 # ------------------------------------------------------------------------------------------------------ downloads
 
 
-def _tar_gz(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def _png(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
@@ -283,7 +272,7 @@ def served_set(tmp_path, monkeypatch):
     # big enough that a cut transfer is visibly resumed
     images = {"Set5_HR/baby.png": _png(_photo(64, 64, 1)), "Set5_HR/bird.png": _png(_photo(60, 64, 2)),
               "Set5_HR/noise.bin": np.random.default_rng(0).bytes(200_000)}
-    server.files["/Set5_HR.tar.gz"] = _tar_gz(images)
+    server.files["/Set5_HR.tar.gz"] = _targz(images)
     entry = {"description": "test Set5", "license": "TEST LICENCE LINE",
              "archives": [{"url": server.url("/Set5_HR.tar.gz"), "filename": "Set5_HR.tar.gz", "size": None,
                            "sha256": None}], "hr": "*_HR/*", "lr": None, "images": 2}

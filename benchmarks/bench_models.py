@@ -9,12 +9,14 @@ Each case times the inference fast paths ("after") and, alternately in the same 
 a same-process ratio under the same load. GFLOP/s and the matmul fraction are for the fast paths.
 
 For each case: the forward's median time, its FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``
-(matmuls, convolutions and SDPA only; elementwise work is not counted, and MambaIRv2's selective scan, a C++
-extension, is invisible to it, so its figure is a lower bound), the effective GFLOP/s, and that as a fraction
-of a 2048x2048 matmul's GFLOP/s measured in the same invocation (fp32, and bf16 when the CPU has native bf16
-units, detected at run time by :func:`smt.infer.precision.cpu_has_native_bf16`). Peak memory is the growth of
-the process's peak RSS (``ru_maxrss``) during the case, each case running in its own subprocess so the peak is
-its own (taken after the fast path's warm-up forward, before any reference run). The machines are shared:
+on the reference paths (matmuls and convolutions, not the fast paths' zero-padded GEMM rows; attention only
+where it runs as matmuls: the counter has no formula for PyTorch's CPU flash-attention kernel; elementwise work
+and MambaIRv2's selective scan, a C extension, are invisible to it: the figure is a lower bound), the
+effective GFLOP/s, and that as a fraction of a 2048x2048 matmul's GFLOP/s measured in the same invocation
+(fp32, and bf16 when the CPU has native bf16 units, detected at run time by
+:func:`smt.infer.precision.cpu_has_native_bf16`). Peak memory is the growth of the process's peak RSS
+(``ru_maxrss``) during the case, each case running in its own subprocess so the peak is its own (taken after
+the fast path's warm-up forward, before the FLOP count and any reference run). The machines are shared:
 compare ratios from one invocation, not absolute times across runs.
 """
 from __future__ import annotations
@@ -65,11 +67,13 @@ def run_case(model: str, size: int, precision: str, repeats: int, with_reference
         return time.perf_counter() - t
 
     with torch.no_grad():
-        with FlopCounterMode(display=False) as counter:
-            net(x)
-        flops = counter.get_total_flops()
         timed(False)  # warm-up (fills the eval-mode caches)
         peak = rss_mb() - base
+        # the model's FLOPs, counted on the reference paths (the fast paths' padded GEMMs do a few more), after
+        # the peak is read (the reference paths may need more memory)
+        with FlopCounterMode(display=False) as counter, reference_paths():
+            net(x)
+        flops = counter.get_total_flops()
         fast, ref = [], []
         for _ in range(repeats):
             fast.append(timed(False))

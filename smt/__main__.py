@@ -213,7 +213,19 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def main(argv: list[str] | None = None) -> int:
+_DEVICE_HELP = "auto (default): cuda when a CUDA device is available, else cpu"
+
+
+def _resolve_device(args: argparse.Namespace) -> argparse.Namespace:
+    """``--device auto`` -> ``cuda`` or ``cpu``, after parsing: building the parser imports no torch, so
+    ``--help`` and the commands that need no torch (``pipeline``) start fast."""
+    if getattr(args, "device", None) == "auto":
+        args.device = "cuda" if _cuda() else "cpu"
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (imports nothing heavy)."""
     parser = argparse.ArgumentParser(prog="python -m smt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("stage", help="run one pipeline stage's notebook (what dvc repro calls)")
@@ -258,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--suffix", help="appended to the output name (default x<scale>; a trailing scale tag of the "
                                     "input name is not repeated)")
     p.add_argument("--self-ensemble", action="store_true", help="x8 geometric self-ensemble (--checkpoint)")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=_DEVICE_HELP)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (--checkpoint; fast on GPUs and CPUs "
                                                        "with native bf16)")
@@ -281,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--self-ensemble", action="store_true", help="x8 geometric self-ensemble (8x slower)")
     p.add_argument("--tile", type=int, default=0, help="LR tile size for bounded memory (0 = whole image)")
     p.add_argument("--tile-overlap", type=int, default=8)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=_DEVICE_HELP)
     p.add_argument("--json", help="write {set: {psnr_y, ssim_y, n}} here (literature convention)")
     p.add_argument("--downloads", default="~/.cache/smt/downloads", help="where downloaded archives are kept")
     p.add_argument("--lock", default="data/sources.lock.json", help="size/SHA-256 pins of downloaded archives")
@@ -301,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_check)
     p = sub.add_parser("smoke", help="GPU smoke check: kernels vs reference, one train step and one tiled "
                                      "inference per model")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=_DEVICE_HELP)
     p.add_argument("--models", default="large", choices=["large", "tiny"])
     p.add_argument("--patch", type=int, help="training patch (default: stage 1's in profiles/ntire2025.yaml)")
     p.add_argument("--batch", type=int, help="per-GPU batch (default: stage 1's global batch / its GPUs)")
@@ -319,7 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-download", action="store_true", help="let open_clip download the CLIP weights")
     p.add_argument("--json", help="also write the measurements and extrapolations here (JSON)")
     p.set_defaults(func=_cmd_rehearse)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _resolve_device(build_parser().parse_args(argv))
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError, TypeError) as exc:

@@ -8,11 +8,13 @@ import subprocess
 import sys
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 __all__ = ["dist_info", "init_process_group", "barrier", "torchrun", "device_for", "select_device", "local_rank",
-           "process_group_timeout", "any_rank", "gather_objects", "DEFAULT_TIMEOUT_S", "TIMEOUT_ENV"]
+           "process_group_timeout", "any_rank", "all_reduce_sum", "gather_objects", "DEFAULT_TIMEOUT_S",
+           "TIMEOUT_ENV"]
 
 # How long a collective may wait for the slowest rank before the job is aborted (NCCL's watchdog; gloo's
 # timeout). torch's default for NCCL is 10 minutes. Our collectives never wait on work done by one rank alone
@@ -100,6 +102,17 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def all_reduce_sum(array: np.ndarray, device: torch.device) -> np.ndarray:
+    """The elementwise sum of every rank's ``array`` (same shape and dtype on all ranks), on every rank, as a new
+    array; a copy of ``array`` outside a process group. ``device``: where the collective runs (this rank's GPU
+    under NCCL)."""
+    if not dist.is_initialized():
+        return np.array(array, copy=True)
+    t = torch.from_numpy(np.ascontiguousarray(array)).to(device, copy=True)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().numpy()
 
 
 def gather_objects(obj) -> list:

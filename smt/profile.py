@@ -28,6 +28,11 @@ class CheckItem:
     what: str
 
 
+def _ok_or_todo(ok: bool, ok_what: str, todo_what: str) -> CheckItem:
+    """An "ok" item when ``ok``, else a "todo" one (something the pipeline or the user still has to do)."""
+    return CheckItem("ok", ok_what) if ok else CheckItem("todo", todo_what)
+
+
 def list_profiles(repo: str | Path = ".") -> dict[str, Path]:
     return {p.stem: p for p in sorted((Path(repo) / "profiles").glob("*.yaml"))}
 
@@ -66,11 +71,9 @@ def check_params(params_path: str | Path, gpus: int | None = None) -> list[Check
                                    f"weights: train.models.{name}.pretrained {m.pretrained}"
                                    + ("" if ok else " not found (download it from the authors' release)")))
     if select.pretrained:
-        if Path(select.pretrained).is_file():
-            items.append(CheckItem("ok", f"CLIP weights: {select.pretrained}"))
-        else:
-            items.append(CheckItem("todo", f"CLIP weights: open_clip will download {select.model}/{select.pretrained}"
-                                           " (needs internet once; or set select.pretrained to a local file)"))
+        items.append(_ok_or_todo(Path(select.pretrained).is_file(), f"CLIP weights: {select.pretrained}",
+                                 f"CLIP weights: open_clip will download {select.model}/{select.pretrained}"
+                                 " (needs internet once; or set select.pretrained to a local file)"))
     elif not select.allow_untrained:
         items.append(CheckItem("missing", "CLIP weights: select.pretrained is empty and allow_untrained is false"))
     # devices
@@ -91,11 +94,9 @@ def check_params(params_path: str | Path, gpus: int | None = None) -> list[Check
         from smt.kernels.selective_scan import cuda_scan_backend
 
         name, reason = cuda_scan_backend()
-        if name == "mamba_ssm":
-            items.append(CheckItem("ok", f"selective scan on CUDA: {name} ({reason})"))
-        else:
-            items.append(CheckItem("todo", f"selective scan on CUDA: {name} ({reason}); for mamba_ssm's kernel "
-                                           "install it with its CUDA build (README, GPU machines)"))
+        items.append(_ok_or_todo(name == "mamba_ssm", f"selective scan on CUDA: {name} ({reason})",
+                                 f"selective scan on CUDA: {name} ({reason}); for mamba_ssm's kernel "
+                                 "install it with its CUDA build (README, GPU machines)"))
     stages = len(train.schedule()) * len(train.models)
     iters = sum(train.stages[s].iters for _, s in train.schedule())
     items.append(CheckItem("ok", f"schedule: {stages} training stages ({len(train.models)} models x "

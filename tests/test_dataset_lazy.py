@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import smt.train.data as data_mod
-from smt.data.augment import color_matrix, degrade_patch
 from smt.data.images import read_image
 from smt.config import AugmentSpec
-from smt.train.data import GlobalBatchSampler, PairedPatchDataset, PatchSpec, augment
+from smt.train.data import GlobalBatchSampler, PairedPatchDataset, PatchSpec, cut_patch
 
 from conftest import write_train_split
 
@@ -36,18 +35,9 @@ def many_root(tmp_path_factory) -> Path:
 
 
 def _eager_patch(lr_img: np.ndarray, hr_img: np.ndarray, spec: PatchSpec, p: int, s: int):
-    """The dataset's patch as computed from images held in memory (what the dataset did before it was lazy)."""
+    """The dataset's patch cut from images held in memory (what the dataset did before it was lazy)."""
     lr_t, hr_t = (torch.from_numpy(a).permute(2, 0, 1).contiguous() for a in (lr_img, hr_img))
-    if spec.color is None:
-        lr = lr_t[:, spec.top:spec.top + p, spec.left:spec.left + p]
-        hr = hr_t[:, s * spec.top:s * (spec.top + p), s * spec.left:s * (spec.left + p)]
-    else:
-        lr_np, hr_np = degrade_patch(hr_t.permute(1, 2, 0).numpy(), spec.top, spec.left, p, s,
-                                     color_matrix(*spec.color))
-        lr, hr = (torch.from_numpy(a).permute(2, 0, 1) for a in (lr_np, hr_np))
-    if spec.channels != (0, 1, 2):
-        lr, hr = lr[list(spec.channels)], hr[list(spec.channels)]
-    return augment(lr, spec).float() / 255.0, augment(hr, spec).float() / 255.0
+    return cut_patch(lr_t, hr_t, spec, p, s)
 
 
 def test_cache_is_bounded_and_batches_equal_eager(many_root):

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -25,26 +26,36 @@ def _run(cmd, cwd):
     return res.stdout + res.stderr
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    work = tmp_path_factory.mktemp("pipeline")
-    for name in ("smt", "notebooks"):
-        shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+def _pipeline_copy(tmp_path_factory, name: str, edit: Callable[[dict], None]) -> Path:
+    """A temporary repository: the package, the notebooks, and the repository's params.yaml with the demo data cut
+    to one training and two validation images of at most 64 pixels, then changed by ``edit(params)``; its
+    dvc.yaml written by ``smt pipeline``; git and DVC initialised."""
+    work = tmp_path_factory.mktemp(name)
+    for folder in ("smt", "notebooks"):
+        shutil.copytree(REPO / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(max_side=64, train_images=["camera"], valid_images=["astronaut", "coins"],
                           test_images=[])
-    for stage in params["train"]["stages"].values():
-        stage.update(patch_size=8, batch_size=2, iters=3, milestones=[])
-    params["train"].update(val_every=2, ckpt_every=2, log_every=1, val_max_side=16)
-    params["infer"].update(window_tiles=[8, 16], window_weights=[1.0, 1.0], tile_overlap=2)
-    params["ablations"].update(loss_iters=2, seeds=[0, 1])
+    edit(params)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     _run([sys.executable, "-m", "smt", "pipeline"], work)
     _run(["git", "init", "-q"], work)
     _run([sys.executable, "-m", "dvc", "init", "-q"], work)
     shutil.copy(REPO / ".dvcignore", work / ".dvcignore")
     return work
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Every model, round, stage and ablation of the repository's pipeline, each a few steps on tiny data."""
+    def edit(params: dict) -> None:
+        for stage in params["train"]["stages"].values():
+            stage.update(patch_size=8, batch_size=2, iters=3, milestones=[])
+        params["train"].update(val_every=2, ckpt_every=2, log_every=1, val_max_side=16)
+        params["infer"].update(window_tiles=[8, 16], window_weights=[1.0, 1.0], tile_overlap=2)
+        params["ablations"].update(loss_iters=2, seeds=[0, 1])
+
+    return _pipeline_copy(tmp_path_factory, "pipeline", edit)
 
 
 def test_repro_writes_reports_and_metrics(workdir):
@@ -121,25 +132,16 @@ def test_failing_cell_fails_the_stage(workdir):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The smallest pipeline with every kind of stage: data, one training stage, infer (one model), report."""
-    work = tmp_path_factory.mktemp("tiny")
-    for name in ("smt", "notebooks"):
-        shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(max_side=64, train_images=["camera"], valid_images=["astronaut", "coins"],
-                          test_images=[])
-    params["train"]["models"] = {"hat": params["train"]["models"]["hat"]}
-    params["train"]["stages"] = {"s1": {**params["train"]["stages"]["s1"], "patch_size": 8, "batch_size": 2,
-                                        "iters": 3, "milestones": []}}
-    params["train"].update(stage_order=["s1"], val_every=2, ckpt_every=2, log_every=1, val_max_side=16)
-    params["infer"].update(models=["hat"], multi_window_model="", window_tiles=[8], window_weights=[1.0],
-                           tile_overlap=2)
-    params["ablations"].update(subset_stage="s1")
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
-    _run([sys.executable, "-m", "smt", "pipeline"], work)
-    _run(["git", "init", "-q"], work)
-    _run([sys.executable, "-m", "dvc", "init", "-q"], work)
-    shutil.copy(REPO / ".dvcignore", work / ".dvcignore")
-    return work
+    def edit(params: dict) -> None:
+        params["train"]["models"] = {"hat": params["train"]["models"]["hat"]}
+        params["train"]["stages"] = {"s1": {**params["train"]["stages"]["s1"], "patch_size": 8, "batch_size": 2,
+                                            "iters": 3, "milestones": []}}
+        params["train"].update(stage_order=["s1"], val_every=2, ckpt_every=2, log_every=1, val_max_side=16)
+        params["infer"].update(models=["hat"], multi_window_model="", window_tiles=[8], window_weights=[1.0],
+                               tile_overlap=2)
+        params["ablations"].update(subset_stage="s1")
+
+    return _pipeline_copy(tmp_path_factory, "tiny", edit)
 
 
 def _out_hashes(lock_path: Path) -> dict:

@@ -97,9 +97,11 @@ def test_stage_result_measures_step_time_and_the_runner_moves_it_to_timings(tmp_
                         "stage_order": ["s1"], "out_root": str(tmp_path / "models"), "device": "cpu",
                         "val_max_side": 16}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    metrics = run_training_stage(str(tmp_path / "params.yaml"), "hat", 1, "s1", tmp_path / "t.json")
-    assert set(metrics) == {"val_psnr_y", "bicubic_psnr_y", "steps"}  # the run folder holds results only
-    timings = json.loads((tmp_path / "t.json").read_text())
+    metrics = run_training_stage(str(tmp_path / "params.yaml"), "hat", 1, "s1", tmp_path / "t" / "train.json")
+    on_disk = json.loads((tmp_path / "models/hat/r1_s1/metrics.json").read_text())
+    assert on_disk == metrics and set(metrics) == {"val_psnr_y", "bicubic_psnr_y", "steps"}  # results only
+    assert math.isfinite(metrics["val_psnr_y"]) and metrics["steps"] == 3
+    timings = json.loads((tmp_path / "t" / "train.json").read_text())  # wall clock: beside, not in, the run
     assert timings["train_seconds"] > 0 and 0 < timings["step_seconds"] < timings["train_seconds"]
     assert "peak_mb" not in timings  # CUDA only
     cfg = parse_section(TrainConfig, {**params["train"], "out_root": str(tmp_path / "m2")}, "train")

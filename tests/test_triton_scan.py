@@ -111,8 +111,9 @@ def test_inference_forward_skips_chunk_states_and_equals_the_training_forward():
     torch.testing.assert_close(fast_last, full_last, rtol=0, atol=0)
     dims = [t.to(DEVICE) for t in (torch.zeros(1, 70, 3), torch.zeros(1, 70, 3), -torch.ones(3, 2),
                                    torch.zeros(1, 1, 70, 2), torch.zeros(1, 1, 70, 2))]
-    assert ts._forward(*dims, store_states=False)[2] is None
-    assert ts._forward(*dims, store_states=True)[2].shape == (1, 2, 3, 2)  # two chunks of 64 steps
+    assert ts._forward(*dims, store_states=False)[2] == ()  # nothing kept for a backward
+    (hs,) = ts._forward(*dims, store_states=True)[2]
+    assert hs.shape == (1, 2, 3, 2)  # two chunks of 64 steps
 
 
 @triton.jit
@@ -131,8 +132,9 @@ def test_kernel_offsets_are_int64_beyond_2_pow_31():
     want = [(b * L + t) * D, ((b * G + 1) * L + t) * N, (b * NCHUNK + c) * D * N]
     assert min(want) >= 2 ** 31
     assert out.tolist() == want
+    assert "pid_b = tl.program_id(0).to(tl.int64)" in inspect.getsource(ts._program_block.fn)
     for kernel in (ts._scan_fwd, ts._scan_bwd):
-        assert "pid_b = tl.program_id(0).to(tl.int64)" in inspect.getsource(kernel.fn)
+        assert "pid_b, pid_d, d, n, md, m2, grp, a = _program_block(" in inspect.getsource(kernel.fn)
 
 
 def test_backward_separates_scratch_writes_and_reads_with_barriers():

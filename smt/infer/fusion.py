@@ -11,8 +11,11 @@ The fit reads each image once and scores every grid weight on it while it is in 
 GPU in the full profile), so the images may come from a generator and only one is held at a time. The
 fused pixels are exactly those :func:`fuse` makes; only the order of the float64 sums differs from the per-weight
 NumPy loop kept as :func:`fit_fusion_weight_reference` (the curves agree to ~1e-12 dB; a test compares them).
-The per-image sums also let ranks score disjoint shards of the images (:func:`fit_from_squared_errors` combines
-them).
+The per-image sums also let ranks score disjoint shards of the images: :class:`ShardedFit` (what the infer stage
+uses under ``torchrun``) gives each image one row of a zero array (:func:`fusion_image_terms`), sums the arrays
+over the ranks and fits every rank the same weight; as each row comes from one rank and zeros from the others,
+the sum is exact and the fit equals the one-process fit bit for bit (:func:`fit_from_image_terms` adds the
+rows up in image order whichever rank scored them).
 """
 from __future__ import annotations
 
@@ -24,10 +27,12 @@ import numpy as np
 import torch
 
 from smt.data.images import float255_to_uint8
+from smt.distributed import all_reduce_sum
 from smt.metrics import _Y_WEIGHTS, NTIRE2025, Protocol, prepare_pair, psnr, rgb_to_y
 
 __all__ = ["FusionFit", "fuse", "fit_fusion_weight", "fit_fusion_weight_reference", "least_squares_weight",
-           "fusion_squared_errors", "fit_from_squared_errors", "fusion_grid"]
+           "fusion_squared_errors", "fit_from_squared_errors", "fusion_grid", "fusion_image_terms",
+           "fit_from_image_terms", "ShardedFit"]
 
 
 def fuse(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:
@@ -118,22 +123,58 @@ def fit_from_squared_errors(sse: Sequence[np.ndarray], counts: Sequence[int], we
     return FusionFit(weights[best], curve[best], list(weights), curve, least_squares)
 
 
+def fusion_image_terms(a: np.ndarray, b: np.ndarray, hr: np.ndarray, weights: Sequence[float],
+                       protocol: Protocol = NTIRE2025, device: str | torch.device = "cpu") -> np.ndarray:
+    """One image's part of the fit as one float64 row of ``len(weights) + 3`` values: the squared Y error per
+    weight (:func:`fusion_squared_errors`), the pixel count, and the two least-squares terms."""
+    sse, n = fusion_squared_errors(a, b, hr, weights, protocol, device)
+    ln, ld = _least_squares_terms(a, b, hr, protocol)
+    return np.concatenate([sse, np.array([n, ln, ld], dtype=np.float64)])
+
+
+def fit_from_image_terms(rows: np.ndarray, weights: Sequence[float]) -> FusionFit:
+    """The fit from every image's :func:`fusion_image_terms`, one row per image in image order."""
+    rows = np.asarray(rows, dtype=np.float64)
+    k = len(weights)
+    if rows.ndim != 2 or rows.shape[1] != k + 3:
+        raise ValueError(f"fusion: expected rows of {k + 3} terms for {k} weights, got shape {rows.shape}")
+    if len(rows) == 0:
+        raise ValueError("fit_fusion_weight needs at least one validation image")
+    unscored = np.flatnonzero(rows[:, k] == 0)
+    if len(unscored):
+        raise ValueError(f"fusion: image(s) {unscored.tolist()} (in manifest order) were scored by no rank")
+    num = den = 0.0
+    for ln, ld in rows[:, k + 1:]:  # in image order, as one process adds them
+        num, den = num + float(ln), den + float(ld)
+    return fit_from_squared_errors(list(rows[:, :k]), [int(n) for n in rows[:, k]], weights,
+                                   _least_squares_from(num, den))
+
+
 def fit_fusion_weight(pairs: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], grid: int = 101,
                       protocol: Protocol = NTIRE2025, device: str | torch.device = "cpu") -> FusionFit:
     """``pairs``: (output a as float HxWx3 in [0,255], output b likewise, HR uint8), any iterable (read once).
     Returns the best grid weight; the scoring runs on ``device``."""
     weights = fusion_grid(grid)
-    sse, counts = [], []
-    num = den = 0.0
-    for a, b, hr in pairs:
-        e, n = fusion_squared_errors(a, b, hr, weights, protocol, device)
-        sse.append(e)
-        counts.append(n)
-        ln, ld = _least_squares_terms(a, b, hr, protocol)
-        num, den = num + ln, den + ld
-    if not sse:
-        raise ValueError("fit_fusion_weight needs at least one validation image")
-    return fit_from_squared_errors(sse, counts, weights, _least_squares_from(num, den))
+    rows = [fusion_image_terms(a, b, hr, weights, protocol, device) for a, b, hr in pairs]
+    return fit_from_image_terms(np.array(rows).reshape(len(rows), len(weights) + 3), weights)
+
+
+class ShardedFit:
+    """The fit over ``n_images`` images (in manifest order) of which this process scores some (:meth:`add`,
+    with the image's position); :meth:`fit` sums every process's rows (one all-reduce; none outside a process
+    group) and returns the same fit on every rank, equal to :func:`fit_fusion_weight` over all the images."""
+
+    def __init__(self, n_images: int, grid: int = 101, protocol: Protocol = NTIRE2025,
+                 device: str | torch.device = "cpu"):
+        self.weights, self.protocol, self.device = fusion_grid(grid), protocol, torch.device(device)
+        self.rows = np.zeros((n_images, len(self.weights) + 3), dtype=np.float64)
+
+    def add(self, index: int, a: np.ndarray, b: np.ndarray, hr: np.ndarray) -> None:
+        self.rows[index] = fusion_image_terms(a, b, hr, self.weights, self.protocol, self.device)
+
+    def fit(self) -> FusionFit:
+        """Collective under a process group: every rank calls it once its images are added."""
+        return fit_from_image_terms(all_reduce_sum(self.rows, self.device), self.weights)
 
 
 def fit_fusion_weight_reference(pairs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], grid: int = 101,

@@ -1,6 +1,9 @@
 """Inference precision: ``fp32`` (the reference) or ``bf16`` autocast (matrix products and convolutions in
 bfloat16, accumulation and the selective scan in float32; outputs returned as float32), or ``bf16-weights``:
-the same autocast over a bfloat16 copy of the model, so the weights are not re-cast on every call.
+the same autocast over a bfloat16 copy of the model, so the weights are not re-cast on every call. In both bf16
+modes the model's last convolution and the mean add after it run in fp32, as in training
+(:func:`smt.train.output_precision.fp32_output_convs`), so the SR image is not rounded to bf16 before it is
+rounded to uint8; fp32 runs the model untouched.
 
 bf16 pays off where the hardware has it natively (CUDA GPUs; CPUs with AVX-512 BF16 or AMX). On CPUs without it
 PyTorch emulates bf16 and it is much slower than fp32 — ``benchmarks/bench_kernels.py --bf16`` measures both.
@@ -12,6 +15,8 @@ from typing import Callable, Literal
 
 import torch
 
+from smt.train.output_precision import fp32_output_convs, output_convs
+
 __all__ = ["Precision", "with_precision", "cpu_flags", "cpu_has_native_bf16", "choose_precision"]
 
 Precision = Literal["fp32", "bf16", "bf16-weights"]
@@ -19,7 +24,9 @@ Precision = Literal["fp32", "bf16", "bf16-weights"]
 
 def with_precision(net: Callable[[torch.Tensor], torch.Tensor], precision: Precision,
                    ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``net`` as a forward function in ``precision`` (inputs and outputs float32)."""
+    """``net`` as a forward function in ``precision`` (inputs and outputs float32). bf16: an SR model's
+    (``conv_last``) output tail is patched in place to run in fp32 (:func:`fp32_output_convs`: once is enough,
+    again changes nothing, and the model's fp32 outputs stay the same bits)."""
     if precision == "fp32":
         return net
     if precision not in ("bf16", "bf16-weights"):
@@ -28,11 +35,20 @@ def with_precision(net: Callable[[torch.Tensor], torch.Tensor], precision: Preci
         if not isinstance(net, torch.nn.Module):
             raise ValueError("precision 'bf16-weights' needs an nn.Module (its weights are copied to bfloat16)")
         # autocast stays on for ops with mixed inputs; LayerNorms keep float32 parameters, which PyTorch's CPU
-        # kernel accepts with bfloat16 or float32 inputs (the scan's outputs are float32)
-        net = copy.deepcopy(net).to(torch.bfloat16)
-        for m in net.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.float()
+        # kernel accepts with bfloat16 or float32 inputs (the scan's outputs are float32). The fp32 output tail
+        # keeps its float32 weights and mean. Kept parts get the original values, not bf16 ones cast back.
+        source, net = net, copy.deepcopy(net).to(torch.bfloat16)
+        keep = {id(m) for m in net.modules() if isinstance(m, torch.nn.LayerNorm)}
+        if hasattr(net, "conv_last"):
+            keep |= {id(conv) for conv in output_convs(net)}
+            if isinstance(getattr(net, "mean", None), torch.Tensor):
+                net.mean = source.mean.detach().clone()
+        originals = dict(source.named_modules())
+        for name, m in net.named_modules():
+            if id(m) in keep:
+                m.float().load_state_dict(originals[name].state_dict())
+    if isinstance(net, torch.nn.Module) and hasattr(net, "conv_last"):
+        fp32_output_convs(net)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=torch.bfloat16):

@@ -7,9 +7,12 @@ and ``fused`` (the best of each model, mixed with the weight fit on the validati
 the weight on validation and test). Byte-identical on rerun: argmax routing, or Gumbel routing seeded per image.
 Wall-clock seconds per image and peak memory per method are measurements of the run, not results: they go to
 ``timings_path`` (the pipeline's ``timings/infer.json``, which DVC does not track), never into ``results/``.
-Under ``torchrun`` (``infer.nproc``/``infer.nnodes`` > 1) the images are sharded across processes; each writes
-its PNGs and its float outputs, and rank 0 fits and applies the fusion (``results/`` must then be on a file system
-every node sees).
+Under ``torchrun`` (``infer.nproc``/``infer.nnodes`` > 1) the images are sharded across processes (every
+world-th image): each writes its PNGs, scores the fusion grid on its own validation images
+(:class:`smt.infer.fusion.ShardedFit`; one all-reduce gives every rank the fit, equal to the one-process fit) and
+writes its share of the fused images; rank 0 writes the JSON files. No rank waits on long work done by another
+alone, so the collectives stay within the process group's timeout (:func:`smt.distributed.process_group_timeout`).
+``results/`` must be on a file system every node sees.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from smt.data.images import float255_to_uint8, image_to_tensor, read_image, tens
 from smt.data.manifest import has_hr, read_manifest
 from smt.distributed import barrier, device_for, dist_info, init_process_group, torchrun
 from smt.infer.ensemble import multi_window, self_ensemble
-from smt.infer.fusion import fit_fusion_weight, fuse
+from smt.infer.fusion import ShardedFit, fuse
 from smt.infer.precision import with_precision
 from smt.infer.tiling import tiled_forward
 from smt.models import load_model
@@ -172,7 +175,7 @@ def run_inference(infer_cfg: InferConfig, train_cfg: TrainConfig, data_cfg: Data
         return _read_results(results_dir, timings_path)
     device = device_for(infer_cfg.device)
     init_process_group(device)
-    scratch = results_dir / ".fusion_inputs"  # each process's float outputs, for the fusion on rank 0
+    scratch = results_dir / ".fusion_inputs"  # each process's float outputs, for its share of the fused images
     if rank == 0 and scratch.exists():
         shutil.rmtree(scratch)
     barrier()
@@ -189,11 +192,20 @@ def run_inference(infer_cfg: InferConfig, train_cfg: TrainConfig, data_cfg: Data
         return y
 
     splits = {s: read_manifest(data_cfg.root, s) for s in ("valid", "test")}
+    fusing = len(infer_cfg.models) == 2
+    # each rank scores the fusion grid on its own images while their outputs are in memory; the fit sums them
+    fits = {s: ShardedFit(len(m), infer_cfg.fusion_grid, device=device)
+            for s, m in splits.items() if fusing and has_hr(m)}  # no HR (the challenge's test set): no curve
+    if fusing and "valid" not in fits:
+        raise ValueError(f"infer: the fusion weight is fit on the validation images, but {data_cfg.root}'s valid "
+                         f"split has no HR images")
     for split, manifest in splits.items():
         mine = manifest.iloc[rank::world]  # the same images on every rerun, whatever the process count
-        for row in tqdm(mine.itertuples(), total=len(mine), desc=f"infer {split}", unit="img", disable=rank != 0):
+        for pos, row in tqdm(zip(range(rank, len(manifest), world), mine.itertuples()), total=len(mine),
+                             desc=f"infer {split}", unit="img", disable=rank != 0):
             lr = read_image(Path(data_cfg.root) / row.lr_path)
             x = image_to_tensor(lr, device)
+            bests = {}
             for m, net in nets.items():
                 outputs = model_outputs(net, x, m, infer_cfg, scale, image_seed(infer_cfg, row.id), timed)
                 for method, y in outputs.items():
@@ -201,15 +213,26 @@ def run_inference(infer_cfg: InferConfig, train_cfg: TrainConfig, data_cfg: Data
                               float255_to_uint8(tensor_to_float255(y)))
                 # the most complete configuration of each model feeds the fusion. The model computes in float32,
                 # so storing float32 loses nothing.
-                best = scratch / split / m / f"{row.id}.npy"
-                best.parent.mkdir(parents=True, exist_ok=True)
-                np.save(best, best_float255(outputs).astype(np.float32))
+                bests[m] = best_float255(outputs)
+                if fusing:
+                    best = scratch / split / m / f"{row.id}.npy"
+                    best.parent.mkdir(parents=True, exist_ok=True)
+                    np.save(best, bests[m].astype(np.float32))
+            if split in fits:
+                fits[split].add(pos, *bests.values(), read_image(Path(data_cfg.root) / row.hr_path))
+    fusion = _fit_and_fuse(infer_cfg, data_cfg, splits, fits, scratch, results_dir, timings, rank, world, log)
     scratch.mkdir(parents=True, exist_ok=True)
     (scratch / f"timings.rank{rank}.json").write_text(json.dumps(timings))
     barrier()
+    # what rank 0 alone does from here is seconds of work (JSON files, removing the scratch folder), so the
+    # other ranks wait at the barrier below far within the process group's timeout (smt.distributed)
     if rank == 0:
         timings = _merge_timings([json.loads(f.read_text()) for f in sorted(scratch.glob("timings.rank*.json"))])
-        _fuse_and_write(infer_cfg, data_cfg, splits, scratch, results_dir, timings, log)
+        _finish_timings(infer_cfg, timings)
+        fusion_path = results_dir / "fusion.json"
+        fusion_path.unlink(missing_ok=True)
+        if fusion is not None:
+            fusion_path.write_text(json.dumps(fusion, indent=2) + "\n")
         shutil.rmtree(scratch)
         (results_dir / "timings.json").unlink(missing_ok=True)  # written by earlier versions, now timings_path
         (results_dir / "methods.json").write_text(json.dumps({"methods": METHOD_ORDER(infer_cfg)}, indent=2) + "\n")
@@ -227,43 +250,40 @@ def _read_results(results_dir: Path, timings_path: str | Path | None = None) -> 
             "timings": json.loads(timings.read_text()) if timings is not None and timings.exists() else {}}
 
 
-def _fuse_and_write(infer_cfg: InferConfig, data_cfg: DataConfig, splits: dict, scratch: Path, results_dir: Path,
-                    timings: dict, log) -> None:
-    """Fit the fusion weight on validation, write the fused images and ``fusion.json``; complete ``timings``
-    (seconds per image, peak memory) in place."""
-    scale = data_cfg.scale
-    fusion_path = results_dir / "fusion.json"
-    fusion_path.unlink(missing_ok=True)
+def _fit_and_fuse(infer_cfg: InferConfig, data_cfg: DataConfig, splits: dict, fits: dict[str, ShardedFit],
+                  scratch: Path, results_dir: Path, timings: dict, rank: int, world: int, log) -> dict | None:
+    """The fusion weight fit on validation (every rank gets it: one all-reduce per split), then this rank's
+    share of the fused images (timed into ``timings``). Returns the content of ``fusion.json`` (None with
+    fewer than two models)."""
+    if len(infer_cfg.models) != 2:
+        return None
+    a_name, b_name = infer_cfg.models
+    curves = {s: (fits[s].fit() if s in fits else None) for s in splits}  # the same order of collectives on all
+    fit = curves["valid"]
+    if rank == 0:
+        log(f"fusion weight of {a_name}: {fit.weight:.2f} (validation PSNR-Y {fit.psnr_y:.3f} dB; "
+            f"least-squares weight {fit.least_squares_weight:.3f})")
 
     def best(split: str, model: str, id_: str) -> np.ndarray:
         return np.load(scratch / split / model / f"{id_}.npy").astype(np.float64)
 
-    if len(infer_cfg.models) == 2:
-        a_name, b_name = infer_cfg.models
-        curves = {}
-        for split, manifest in splits.items():
-            if not has_hr(manifest):  # no HR (e.g. the challenge's test set): no curve
-                curves[split] = None
-                continue
-            pairs = ((best(split, a_name, r.id), best(split, b_name, r.id),  # a generator: one image in memory
-                      read_image(Path(data_cfg.root) / r.hr_path)) for r in manifest.itertuples())
-            curves[split] = fit_fusion_weight(pairs, infer_cfg.fusion_grid, device=device_for(infer_cfg.device))
-        fit = curves["valid"]
-        log(f"fusion weight of {a_name}: {fit.weight:.2f} (validation PSNR-Y {fit.psnr_y:.3f} dB; "
-            f"least-squares weight {fit.least_squares_weight:.3f})")
-        for split, manifest in splits.items():
-            for r in manifest.itertuples():
-                a, b = best(split, a_name, r.id), best(split, b_name, r.id)
-                t = time.perf_counter()
-                fused = fuse(a, b, fit.weight)
-                write_png(results_dir / split / "fused" / f"{r.id}x{scale}.png", fused)
-                e = timings.setdefault("fused", {"seconds": 0.0, "images": 0, "peak_mb": 0.0})
-                e["seconds"] += time.perf_counter() - t
-                e["images"] += 1
-        fusion = {"model_a": a_name, "model_b": b_name, "weight_a": fit.weight,
-                  "least_squares_weight_a": fit.least_squares_weight, "grid": fit.grid,
-                  "curves": {s: (c.curve if c else None) for s, c in curves.items()}}
-        fusion_path.write_text(json.dumps(fusion, indent=2) + "\n")
+    scale = data_cfg.scale
+    for split, manifest in splits.items():
+        for r in manifest.iloc[rank::world].itertuples():
+            a, b = best(split, a_name, r.id), best(split, b_name, r.id)
+            t = time.perf_counter()
+            fused = fuse(a, b, fit.weight)
+            write_png(results_dir / split / "fused" / f"{r.id}x{scale}.png", fused)
+            e = timings.setdefault("fused", {"seconds": 0.0, "images": 0, "peak_mb": 0.0})
+            e["seconds"] += time.perf_counter() - t
+            e["images"] += 1
+    return {"model_a": a_name, "model_b": b_name, "weight_a": fit.weight,
+            "least_squares_weight_a": fit.least_squares_weight, "grid": fit.grid,
+            "curves": {s: (c.curve if c else None) for s, c in curves.items()}}
+
+
+def _finish_timings(infer_cfg: InferConfig, timings: dict) -> None:
+    """Every rank's merged timings -> seconds per image and peak memory per method, in table order (in place)."""
     for v in timings.values():
         v["seconds_per_image"] = v.pop("seconds") / max(1, v.pop("images"))
     # the fused output costs both models' best configurations plus the mixing

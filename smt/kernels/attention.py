@@ -34,7 +34,8 @@ _fast_paths = True
 
 
 def fast_paths_enabled() -> bool:
-    """Whether the inference fast paths (this module's and :mod:`smt.models.common`'s) are on (the default)."""
+    """Whether the inference fast paths (this module's, :mod:`smt.models.common`'s and the models' eval-mode
+    ones in :mod:`smt.models.hat` and :mod:`smt.models.mambairv2`) are on (the default)."""
     return _fast_paths
 
 

@@ -2,7 +2,8 @@
 
 The source is compiled with the system C compiler (``$CC``, default ``cc``) into a shared library
 cached under ``$SMT_CACHE_DIR`` (default ``~/.cache/smt``), keyed by the source, the flags and this CPU's
-feature flags (``-march=native``), so a cache shared across different CPUs never runs a foreign binary. A
+feature flags (``-march=native``, which also sets the kernel's vector width: 16 floats where the compiler
+reports AVX-512F, else 8), so a cache shared across different CPUs never runs a foreign binary. A
 missing compiler is not an error: :func:`load_library` returns ``None`` and the dispatcher falls back.
 Building takes about a second; it is a plain C file with no PyTorch headers, loaded with ``ctypes``.
 """

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
-import torch.nn.functional as F
 
 from smt.kernels.cpu_build import build_error, load_library
-from smt.kernels.scan_common import check_groups, grouped_bc, scan_epilogue
+from smt.kernels.scan_common import (KernelScan, check_groups, compute_dtype, core_shape, grouped_bc,
+                                     scan_epilogue, step_sizes)
 
 __all__ = ["selective_scan", "selective_scan_ref", "selective_scan_cpu", "ScanImpl", "cuda_scan_backend"]
 
@@ -44,12 +44,9 @@ ScanImpl = Literal["auto", "reference", "cpu", "triton"]
 def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     """Shared preamble: compute dtype, dt, and B/C expanded to (batch, D, N, L) or kept (D, N)."""
     dtype_in = u.dtype
-    ct = torch.float64 if torch.float64 in (u.dtype, delta.dtype, A.dtype) else torch.float32
-    u, delta, A = u.to(ct), delta.to(ct), A.to(ct)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(ct)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    ct = compute_dtype(u, delta, A)
+    u, A = u.to(ct), A.to(ct)
+    delta = step_sizes(delta, delta_bias, delta_softplus, ct)
     dim = A.shape[0]
 
     def expand(M):
@@ -106,55 +103,51 @@ def _run_jobs(fn, njobs: int, nthreads: int) -> None:
         f.result()
 
 
-class _CpuScan(torch.autograd.Function):
-    """Autograd wrapper of the C kernel: ``y = scan(u, dt, A, B, C)``.
+def _cpu_jobs(lib, batch: int, dim: int) -> int:
+    """Job count of a C-kernel call: one job per (batch, block of ``scan_block_width()`` channels)."""
+    return batch * -(-dim // lib.scan_block_width())
+
+
+def _cpu_core_fwd(u, dt, A, B, C):
+    """The C kernel's forward, the ``core_fwd`` of :class:`~smt.kernels.scan_common.KernelScan`.
 
     ``u`` and ``dt`` are (b, L, D) with any strides as long as both have the same (a transposed view of a
     (b, D, L) tensor works; channel-last memory gives contiguous SIMD loads); ``y`` is contiguous (b, L, D);
-    B and C are contiguous (b, G, L, N).
+    B and C are contiguous (b, G, L, N). The backward needs no extra tensors.
     """
+    lib = load_library()
+    fwd = lib.scan_fwd_f64 if u.dtype == torch.float64 else lib.scan_fwd_f32
+    batch, length, dim, groups, nstate = core_shape(u, B)
+    y = u.new_empty(batch, length, dim)
+    last = u.new_empty(batch, dim, nstate)
+    args = (u.data_ptr(), dt.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(), y.data_ptr(),
+            last.data_ptr(), batch, dim, nstate, length, groups, *u.stride())
+    _run_jobs(lambda a, b: fwd(*args, a, b), _cpu_jobs(lib, batch, dim), max(1, torch.get_num_threads()))
+    return y, last, ()
 
-    @staticmethod
-    def forward(ctx, u, dt, A, B, C):
-        lib = load_library()
-        fwd = lib.scan_fwd_f64 if u.dtype == torch.float64 else lib.scan_fwd_f32
-        batch, length, dim = u.shape
-        groups, nstate = B.shape[1], B.shape[3]
-        y = u.new_empty(batch, length, dim)
-        last = u.new_empty(batch, dim, nstate)
-        njobs = batch * -(-dim // lib.scan_block_width())
-        args = (u.data_ptr(), dt.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(), y.data_ptr(),
-                last.data_ptr(), batch, dim, nstate, length, groups, *u.stride())
-        _run_jobs(lambda a, b: fwd(*args, a, b), njobs, max(1, torch.get_num_threads()))
-        ctx.save_for_backward(u, dt, A, B, C)
-        ctx.mark_non_differentiable(last)
-        return y, last
 
-    @staticmethod
-    def backward(ctx, dy, _dlast):
-        lib = load_library()
-        u, dt, A, B, C = ctx.saved_tensors
-        bwd = lib.scan_bwd_f64 if u.dtype == torch.float64 else lib.scan_bwd_f32
-        batch, length, dim = u.shape
-        groups, nstate = B.shape[1], B.shape[3]
-        njobs = batch * -(-dim // lib.scan_block_width())
-        threads = max(1, min(torch.get_num_threads(), njobs))
-        dy = dy.contiguous()
-        du, ddt = u.new_empty(batch, length, dim), dt.new_empty(batch, length, dim)
-        # one accumulation buffer per job range (index = range number): no two threads write one element
-        dA = A.new_zeros(threads, dim, nstate)
-        dB = B.new_zeros(threads, *B.shape)
-        dC = C.new_zeros(threads, *C.shape)
-        bounds = [njobs * i // threads for i in range(threads + 1)]
+def _cpu_core_bwd(dy, u, dt, A, B, C):
+    """The C kernel's hand-written backward, the ``core_bwd`` of :class:`~smt.kernels.scan_common.KernelScan`."""
+    lib = load_library()
+    bwd = lib.scan_bwd_f64 if u.dtype == torch.float64 else lib.scan_bwd_f32
+    batch, length, dim, groups, nstate = core_shape(u, B)
+    njobs = _cpu_jobs(lib, batch, dim)
+    threads = max(1, min(torch.get_num_threads(), njobs))
+    du, ddt = u.new_empty(batch, length, dim), dt.new_empty(batch, length, dim)
+    # one accumulation buffer per job range (index = range number): no two threads write one element
+    dA = A.new_zeros(threads, dim, nstate)
+    dB = B.new_zeros(threads, *B.shape)
+    dC = C.new_zeros(threads, *C.shape)
+    bounds = [njobs * i // threads for i in range(threads + 1)]
 
-        def run(a: int, b: int) -> None:
-            i = bounds.index(a)
-            bwd(u.data_ptr(), dt.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(), dy.data_ptr(),
-                du.data_ptr(), ddt.data_ptr(), dA[i].data_ptr(), dB[i].data_ptr(), dC[i].data_ptr(),
-                batch, dim, nstate, length, groups, *u.stride(), a, b)
+    def run(a: int, b: int) -> None:
+        i = bounds.index(a)
+        bwd(u.data_ptr(), dt.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(), dy.data_ptr(),
+            du.data_ptr(), ddt.data_ptr(), dA[i].data_ptr(), dB[i].data_ptr(), dC[i].data_ptr(),
+            batch, dim, nstate, length, groups, *u.stride(), a, b)
 
-        _run_jobs(run, njobs, threads)
-        return du, ddt, dA.sum(0), dB.sum(0), dC.sum(0)
+    _run_jobs(run, njobs, threads)
+    return du, ddt, dA.sum(0), dB.sum(0), dC.sum(0)
 
 
 def _bc_view(M: torch.Tensor, batch: int, dim: int, length: int) -> torch.Tensor:
@@ -185,8 +178,8 @@ def _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
             Cg.data_ptr(), ptr(Dv), ptr(z), y.data_ptr(), last.data_ptr(), batch, dim, A.shape[1], length,
             Bg.shape[1], u.stride(0), u.stride(2), u.stride(1), y.stride(0), y.stride(2), y.stride(1),
             *Bg.stride(), *Cg.stride())
-    njobs = batch * -(-dim // lib.scan_block_width())
-    _run_jobs(lambda a, b: lib.scan_fwd_fused_f32(*args, a, b), njobs, max(1, torch.get_num_threads()))
+    _run_jobs(lambda a, b: lib.scan_fwd_fused_f32(*args, a, b), _cpu_jobs(lib, batch, dim),
+              max(1, torch.get_num_threads()))
     return y, last
 
 
@@ -197,24 +190,21 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     Without autograd (inference) float32 inputs take a fully fused forward; with it, the element-wise parts
     run in PyTorch around the scan so autograd differentiates them."""
     dtype_in = u.dtype
-    ct = torch.float64 if torch.float64 in (u.dtype, delta.dtype, A.dtype) else torch.float32
+    ct = compute_dtype(u, delta, A)
     tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias) if t is not None]
     if ct == torch.float32 and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         out, last = _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         out = out.to(dtype_in)
         return (out, last) if return_last_state else out
-    u, delta, A = u.to(ct), delta.to(ct), A.to(ct).contiguous()
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(ct)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
+    u, A = u.to(ct), A.to(ct).contiguous()
+    delta = step_sizes(delta, delta_bias, delta_softplus, ct)
     batch, dim, length = u.shape
     Bg, Cg = grouped_bc(B, batch, dim, length, ct), grouped_bc(C, batch, dim, length, ct)
     check_groups(dim, Bg, Cg)
     u_t, dt_t = u.transpose(1, 2), delta.transpose(1, 2)  # (b, L, D) views; no copy
     if u_t.stride() != dt_t.stride():
         u_t, dt_t = u_t.contiguous(), dt_t.contiguous()
-    y, last = _CpuScan.apply(u_t, dt_t, A, Bg, Cg)
+    y, last = KernelScan.apply(_cpu_core_fwd, _cpu_core_bwd, u_t, dt_t, A, Bg, Cg)
     out = scan_epilogue(y.transpose(1, 2), u, D, z, ct, dtype_in)
     return (out, last) if return_last_state else out
 

@@ -47,6 +47,17 @@ def _window(table: torch.Tensor) -> int:
     return (side + 1) // 2
 
 
+def _residual_groups(state: Mapping[str, torch.Tensor], block: str,
+                     bias_table: str) -> tuple[tuple[int, ...], tuple[int, ...], int, str]:
+    """``(depths, num_heads, window_size, b0)`` of a body of residual groups of ``<block>``s: blocks per group,
+    heads per group and the window size from the relative-position bias table ``bias_table`` of each group's
+    first block, and ``b0``, the key prefix of the first group's first block."""
+    depths = _groups(state, block)
+    first = [f"layers.{i}.residual_group.{block}.0." for i in range(len(depths))]
+    heads = tuple(state[b + bias_table].shape[1] for b in first)
+    return tuple(depths), heads, _window(state[first[0] + bias_table]), first[0]
+
+
 def _head(state: Mapping[str, torch.Tensor], embed_dim: int, in_chans: int) -> dict[str, Any]:
     """``upsampler``, ``upscale`` (and ``num_feat`` where the head has one) from the head's tensors."""
     if "conv_up1.weight" in state:
@@ -97,27 +108,19 @@ def _detect(state: Mapping[str, torch.Tensor]) -> tuple[str, dict]:
         common.update(ape=True, img_size=math.isqrt(state["absolute_pos_embed"].shape[1]))
     common.update(_head(state, embed_dim, in_chans))
     if any(".overlap_attn." in k for k in state):
-        depths = _groups(state, "blocks")
-        b = "layers.{i}.residual_group.blocks.0."
-        heads = [state[b.format(i=i) + "attn.relative_position_bias_table"].shape[1] for i in range(len(depths))]
-        b0 = b.format(i=0)
-        ws = _window(state[b0 + "attn.relative_position_bias_table"])
+        depths, heads, ws, b0 = _residual_groups(state, "blocks", "attn.relative_position_bias_table")
         oca_side = math.isqrt(state["layers.0.residual_group.overlap_attn.relative_position_bias_table"].shape[0])
         ows = oca_side + 1 - ws  # the OCA table has (ws + ows - 1)^2 rows
-        return "hat", {**common, "depths": tuple(depths), "num_heads": tuple(heads), "window_size": ws,
+        return "hat", {**common, "depths": depths, "num_heads": heads, "window_size": ws,
                        "compress_ratio": embed_dim // state[b0 + "conv_block.cab.0.weight"].shape[0],
                        "squeeze_factor": embed_dim // state[b0 + "conv_block.cab.3.attention.1.weight"].shape[0],
                        "conv_scale": 0.01, "overlap_ratio": (ows - ws) / ws,
                        "mlp_ratio": state[b0 + "mlp.fc1.weight"].shape[0] / embed_dim,
                        "qkv_bias": b0 + "attn.qkv.bias" in state}
     if any(".assm.selectiveScan." in k for k in state):
-        depths = _groups(state, "layers")
-        b = "layers.{i}.residual_group.layers.0."
-        heads = [state[b.format(i=i) + "win_mhsa.relative_position_bias_table"].shape[1] for i in range(len(depths))]
-        b0 = b.format(i=0)
+        depths, heads, ws, b0 = _residual_groups(state, "layers", "win_mhsa.relative_position_bias_table")
         light = b0 + "convffn1.sg.norm.weight" in state
-        kwargs = {**common, "depths": tuple(depths), "num_heads": tuple(heads),
-                  "window_size": _window(state[b0 + "win_mhsa.relative_position_bias_table"]),
+        kwargs = {**common, "depths": depths, "num_heads": heads, "window_size": ws,
                   "d_state": state[b0 + "embeddingA.weight"].shape[1],
                   "inner_rank": state[b0 + "embeddingA.weight"].shape[0],
                   "num_tokens": state[b0 + "assm.embeddingB.weight"].shape[0],

@@ -23,10 +23,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from einops import rearrange
 
-from smt.kernels.attention import AttentionImpl, window_attention
-from smt.models.common import (DropPath, Mlp, RelativeBiasCache, SRHeads, attend_windows,
-                               overlap_relative_position_index, pad_to_multiple, relative_position_index,
-                               window_partition, window_reverse)
+from smt.kernels.attention import AttentionImpl, fast_paths_enabled, window_attention
+from smt.models.common import (DropPath, FastLinear, Mlp, RelativeBiasCache, SRHeads, WindowOrder,
+                               attend_window_groups, attend_windows, overlap_relative_position_index,
+                               pad_to_multiple, relative_position_index, window_order, window_partition,
+                               window_reverse, windows_gather, windows_scatter)
 
 __all__ = ["HAT"]
 
@@ -66,9 +67,9 @@ class WindowAttention(nn.Module):
         self.window_size, self.num_heads = window_size, num_heads
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = FastLinear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = FastLinear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self._bias_cache = RelativeBiasCache()
@@ -82,6 +83,16 @@ class WindowAttention(nn.Module):
         attend = self._attend_with_dropout if self.training and self.attn_drop > 0 else window_attention
         out = attend_windows(q, k, v, bias, self.scale, impl, attend, grid)
         return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+
+    def forward_ordered(self, x: torch.Tensor, rpi: torch.Tensor, order: WindowOrder, shift: int,
+                        impl: AttentionImpl) -> torch.Tensor:
+        """Inference fast path of :meth:`forward`: windows ``x`` in :func:`window_order` (mask groups as
+        contiguous slices)."""
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        bias = self._bias_cache.get(self, self.relative_position_bias_table, rpi, x.shape[1])
+        out = attend_window_groups(q, k, v, bias, self.scale, impl, window_attention, order, self.window_size,
+                                   shift)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
     def _attend_with_dropout(self, q, k, v, bias, scale, impl) -> torch.Tensor:
         attn = (q * scale) @ k.transpose(-2, -1) + bias
@@ -112,8 +123,14 @@ class HAB(nn.Module):
         shortcut = x
         x = self.norm1(x)
         conv_x = rearrange(self.conv_block(rearrange(x, "b (h w) c -> b c h w", h=h)), "b c h w -> b (h w) c")
-        x = rearrange(x, "b (h w) c -> b h w c", h=h)
         s, ws = self.shift_size, self.window_size
+        if not (self.training or torch.is_grad_enabled()) and fast_paths_enabled():
+            # inference: roll + partition as one row gather, reverse + roll back as one scatter
+            order = window_order(x.shape[0], h, w, ws, s, x.device)
+            attn = self.attn.forward_ordered(windows_gather(x, order, ws), rpi, order, s, impl)
+            x = shortcut + windows_scatter(attn, order, x.shape[0]) + conv_x * self.conv_scale
+            return x + self.mlp(self.norm2(x))
+        x = rearrange(x, "b (h w) c -> b h w c", h=h)
         if s > 0:
             x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
         attn = self.attn(window_partition(x, ws), rpi, (h // ws, w // ws, ws, s) if s > 0 else None, impl)
@@ -134,12 +151,12 @@ class OCAB(nn.Module):
         self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.overlap_win_size = int(window_size * overlap_ratio) + window_size
         self.norm1 = norm_layer(dim)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = FastLinear(dim, dim * 3, bias=qkv_bias)
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((window_size + self.overlap_win_size - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self._bias_cache = RelativeBiasCache()
-        self.proj = nn.Linear(dim, dim)
+        self.proj = FastLinear(dim, dim)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 

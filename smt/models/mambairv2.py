@@ -33,10 +33,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from einops import rearrange
 
-from smt.kernels.attention import AttentionImpl, window_attention
+from smt.kernels.attention import AttentionImpl, fast_paths_enabled, window_attention
 from smt.kernels.selective_scan import ScanImpl, selective_scan
-from smt.models.common import (RelativeBiasCache, SRHeads, attend_windows, pad_to_multiple,
-                               relative_position_index, window_partition, window_reverse)
+from smt.models.common import (FastLinear, RelativeBiasCache, SRHeads, WindowOrder,
+                               attend_window_groups, attend_windows, pad_to_multiple, padded_linear,
+                               relative_position_index, window_order, window_partition, window_reverse,
+                               windows_gather, windows_scatter)
 from smt.models.hat import _init_weights, _PatchEmbed
 
 __all__ = ["MambaIRv2", "MambaIRv2Light", "UPSAMPLERS"]
@@ -63,10 +65,10 @@ class ConvFFN(nn.Module):
 
     def __init__(self, in_features: int, hidden_features: int, kernel_size: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = FastLinear(in_features, hidden_features)
         self.act = nn.GELU()
         self.dwconv = dwconv(hidden_features, kernel_size)
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = FastLinear(hidden_features, in_features)
 
     def forward(self, x: torch.Tensor, x_size: tuple[int, int]) -> torch.Tensor:
         x = self.act(self.fc1(x))
@@ -93,10 +95,10 @@ class GatedMLP(nn.Module):
 
     def __init__(self, in_features: int, hidden_features: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = FastLinear(in_features, hidden_features)
         self.act = nn.GELU()
         self.sg = Gate(hidden_features // 2)
-        self.fc2 = nn.Linear(hidden_features // 2, in_features)
+        self.fc2 = FastLinear(hidden_features // 2, in_features)
 
     def forward(self, x: torch.Tensor, x_size: tuple[int, int]) -> torch.Tensor:
         return self.fc2(self.sg(self.act(self.fc1(x)), x_size))
@@ -110,7 +112,7 @@ class WindowAttention(nn.Module):
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        self.proj = nn.Linear(dim, dim)
+        self.proj = FastLinear(dim, dim)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self._bias_cache = RelativeBiasCache()  # eval/no-grad fast path; training gathers every call
 
@@ -121,6 +123,15 @@ class WindowAttention(nn.Module):
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         bias = self._bias_cache.get(self, self.relative_position_bias_table, rpi, qkv.shape[1])
         out = attend_windows(q, k, v, bias, self.scale, impl, window_attention, grid)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+    def forward_ordered(self, qkv: torch.Tensor, rpi: torch.Tensor, order: WindowOrder, ws: int, shift: int,
+                        impl: AttentionImpl) -> torch.Tensor:
+        """Inference fast path of :meth:`forward`: ``qkv`` windows in :func:`window_order` (mask groups as
+        contiguous slices)."""
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        bias = self._bias_cache.get(self, self.relative_position_bias_table, rpi, qkv.shape[1])
+        out = attend_window_groups(q, k, v, bias, self.scale, impl, window_attention, order, ws, shift)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -173,16 +184,18 @@ class ASSM(nn.Module):
         self.num_tokens, self.d_state = num_tokens, d_state
         self.selectiveScan = Selective_Scan(hidden, d_state)
         self.out_norm = nn.LayerNorm(hidden)
-        self.out_proj = nn.Linear(hidden, dim)
+        self.out_proj = FastLinear(hidden, dim)
         self.in_proj = nn.Sequential(nn.Conv2d(dim, hidden, 1))
         self.CPE = nn.Sequential(nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden))
         self.embeddingB = nn.Embedding(num_tokens, inner_rank)
         nn.init.uniform_(self.embeddingB.weight, -1 / num_tokens, 1 / num_tokens)
-        self.route = nn.Sequential(nn.Linear(dim, dim // 3), nn.GELU(), nn.Linear(dim // 3, num_tokens),
+        self.route = nn.Sequential(FastLinear(dim, dim // 3), nn.GELU(), FastLinear(dim // 3, num_tokens),
                                    nn.LogSoftmax(dim=-1))
 
     def forward(self, x: torch.Tensor, x_size: tuple[int, int], token: nn.Embedding, routing: Routing,
                 scan_impl: ScanImpl) -> torch.Tensor:
+        if not (self.training or torch.is_grad_enabled()) and fast_paths_enabled():
+            return self._forward_fast(x, x_size, token, routing, scan_impl)
         b, n, _ = x.shape
         prompts = self.embeddingB.weight @ token.weight  # (num_tokens, d_state)
         logits = self.route(x)
@@ -197,6 +210,46 @@ class ASSM(nn.Module):
         y = self.out_proj(self.out_norm(self.selectiveScan(x, prompt, scan_impl)))
         return torch.gather(y, 1, inverse[..., None].expand_as(y))
 
+    def _forward_fast(self, x: torch.Tensor, x_size: tuple[int, int], token: nn.Embedding, routing: Routing,
+                      scan_impl: ScanImpl) -> torch.Tensor:
+        """Inference fast path of :meth:`forward` (eval mode, no autograd), equal to it within float rounding.
+
+        - Routing: the route index is taken directly (``argmax`` of the noisy logits for ``"gumbel"``, drawing
+          the same noise from the same generator as ``F.gumbel_softmax``; the reference's softmax is monotonic
+          and its one-hot straight-through policy is 1 (to within 1 ulp) at that index and 0 elsewhere), so the
+          one-hot matrix, its matmul with the prompts and the scatter of the inverse permutation go; the prompt
+          is a row lookup.
+        - ``in_proj`` (a 1x1 conv) runs as a matmul on the channel-last tokens, and ``CPE`` on a channels-last
+          view of its output (no NCHW copies; oneDNN's depthwise conv is faster channels-last).
+        - The sort and the unsort move whole rows (``index_select`` / ``index_copy_``) instead of gathering
+          element by element through an expanded index. (The prompt stays in token order, as in the reference
+          and the official code.)
+        """
+        b, n, c = x.shape
+        h, w = x_size
+        prompts = self.embeddingB.weight @ token.weight  # (num_tokens, d_state)
+        logits = self.route(x)
+        if routing == "gumbel":
+            # F.gumbel_softmax(hard=True): gumbels = -log(Exp(1)), index = argmax(softmax(logits + gumbels))
+            noise = torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_().log_()
+            route = (logits - noise).argmax(-1)
+        else:
+            route = logits.argmax(-1)
+        prompt = F.embedding(route, prompts)  # (b, n, d_state)
+        order = torch.sort(route, dim=-1, stable=False).indices  # the same call as the reference: same ties
+        conv = self.in_proj[0]
+        xs = padded_linear(x, conv.weight, conv.bias)  # (b, n, hidden)
+        gate = self.CPE(xs.view(b, h, w, -1).permute(0, 3, 1, 2))  # channels-last in, channels-last out
+        xs = xs.mul_(rearrange(gate, "b c h w -> b (h w) c").sigmoid())
+        sorted_x = torch.empty_like(xs)
+        for i in range(b):
+            torch.index_select(xs[i], 0, order[i], out=sorted_x[i])
+        y = self.out_proj(self.out_norm(self.selectiveScan(sorted_x, prompt, scan_impl)))
+        out = torch.empty_like(y)
+        for i in range(b):
+            out[i].index_copy_(0, order[i], y[i])
+        return out
+
 
 class AttentiveLayer(nn.Module):
     """Window-attention half and ASSM half, each with a ConvFFN and a learned residual scale."""
@@ -209,7 +262,7 @@ class AttentiveLayer(nn.Module):
         self.norm1, self.norm2, self.norm3, self.norm4 = (norm_layer(dim) for _ in range(4))
         self.scale1 = nn.Parameter(1e-4 * torch.ones(dim))
         self.scale2 = nn.Parameter(1e-4 * torch.ones(dim))
-        self.wqkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.wqkv = FastLinear(dim, 3 * dim, bias=qkv_bias)
         self.win_mhsa = WindowAttention(dim, window_size, num_heads)
         self.assm = ASSM(dim, d_state, num_tokens, inner_rank, mlp_ratio)
         hidden = int(dim * mlp_ratio)
@@ -226,6 +279,13 @@ class AttentiveLayer(nn.Module):
         h, w = x_size
         s, ws = self.shift_size, self.window_size
         shortcut = x
+        if not (self.training or torch.is_grad_enabled()) and fast_paths_enabled():
+            # inference: roll + partition as one row gather, reverse + roll back as one scatter
+            order = window_order(x.shape[0], h, w, ws, s, x.device)
+            qkv = windows_gather(self.wqkv(self.norm1(x)), order, ws)
+            attn = self.win_mhsa.forward_ordered(qkv, params["rpi_sa"], order, ws, s, params["attn_impl"])
+            return self._forward_tail(windows_scatter(attn, order, x.shape[0]) + shortcut, shortcut, x_size,
+                                      params)
         qkv = rearrange(self.wqkv(self.norm1(x)), "b (h w) c -> b h w c", h=h)
         if s > 0:
             qkv = torch.roll(qkv, shifts=(-s, -s), dims=(1, 2))
@@ -234,7 +294,11 @@ class AttentiveLayer(nn.Module):
         attn = window_reverse(attn, ws, h, w)
         if s > 0:
             attn = torch.roll(attn, shifts=(s, s), dims=(1, 2))
-        x_win = rearrange(attn, "b h w c -> b (h w) c") + shortcut
+        return self._forward_tail(rearrange(attn, "b h w c -> b (h w) c") + shortcut, shortcut, x_size, params)
+
+    def _forward_tail(self, x_win: torch.Tensor, shortcut: torch.Tensor, x_size: tuple[int, int],
+                      params: dict) -> torch.Tensor:
+        """Everything after the window attention: ConvFFN, residual scale, ASSM, ConvFFN, residual scale."""
         x_win = self.convffn1(self.norm2(x_win), x_size) + x_win
         x = shortcut * self.scale1 + x_win
         shortcut = x

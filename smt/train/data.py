@@ -26,7 +26,7 @@ from smt.data.images import read_image
 from smt.data.manifest import read_manifest
 from smt.seeds import sampler_step_seed
 
-__all__ = ["PatchSpec", "PairedPatchDataset", "GlobalBatchSampler", "read_subset"]
+__all__ = ["PatchSpec", "PairedPatchDataset", "GlobalBatchSampler", "cut_patch", "read_subset"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,23 @@ def augment(x: torch.Tensor, spec: PatchSpec) -> torch.Tensor:
     if spec.transpose:
         x = x.transpose(-1, -2)
     return x
+
+
+def cut_patch(lr_img: torch.Tensor, hr_img: torch.Tensor, spec: PatchSpec, patch_size: int,
+              scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (LR, HR) training pair, float in [0, 1], that ``spec`` cuts from uint8 (3, H, W) LR and HR images:
+    crop, colour transform, channel order, then flips/transpose."""
+    p, s = patch_size, scale
+    if spec.color is None:
+        lr = lr_img[:, spec.top:spec.top + p, spec.left:spec.left + p]
+        hr = hr_img[:, s * spec.top:s * (spec.top + p), s * spec.left:s * (spec.left + p)]
+    else:  # the LR is re-made from the colour-transformed HR (exactly what degrading the whole image gives)
+        lr_np, hr_np = degrade_patch(hr_img.permute(1, 2, 0).numpy(), spec.top, spec.left, p, s,
+                                     color_matrix(*spec.color))
+        lr, hr = (torch.from_numpy(a).permute(2, 0, 1) for a in (lr_np, hr_np))
+    if spec.channels != (0, 1, 2):
+        lr, hr = lr[list(spec.channels)], hr[list(spec.channels)]
+    return augment(lr, spec).float() / 255.0, augment(hr, spec).float() / 255.0
 
 
 def read_subset(path: str | Path) -> list[str]:
@@ -130,18 +147,7 @@ class PairedPatchDataset(Dataset):
         return torch.from_numpy(img).permute(2, 0, 1).contiguous()
 
     def __getitem__(self, spec: PatchSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        p, s = self.patch_size, self.scale
-        lr_img, hr_img = self.images(spec.image)
-        if spec.color is None:
-            lr = lr_img[:, spec.top:spec.top + p, spec.left:spec.left + p]
-            hr = hr_img[:, s * spec.top:s * (spec.top + p), s * spec.left:s * (spec.left + p)]
-        else:  # the LR is re-made from the colour-transformed HR (exactly what degrading the whole image gives)
-            lr_np, hr_np = degrade_patch(hr_img.permute(1, 2, 0).numpy(), spec.top, spec.left, p, s,
-                                         color_matrix(*spec.color))
-            lr, hr = (torch.from_numpy(a).permute(2, 0, 1) for a in (lr_np, hr_np))
-        if spec.channels != (0, 1, 2):
-            lr, hr = lr[list(spec.channels)], hr[list(spec.channels)]
-        return augment(lr, spec).float() / 255.0, augment(hr, spec).float() / 255.0
+        return cut_patch(*self.images(spec.image), spec, self.patch_size, self.scale)
 
 
 def _manifest_size(root: Path, row: dict, kind: str) -> tuple[int, int]:

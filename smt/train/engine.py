@@ -50,6 +50,7 @@ from smt.models.presets import preset
 from smt.train.checkpoint import EMA, atomic_save, rng_state, save_safetensors, set_rng_state
 from smt.train.data import GlobalBatchSampler, PairedPatchDataset, collate, read_subset
 from smt.train.losses import multiscale_loss
+from smt.train.output_precision import fp32_output_convs
 
 __all__ = ["TrainingError", "Preempted", "PREEMPTED_EXIT_CODE", "STOP_SIGNALS", "StageResult", "train_stage",
            "run_dir", "tensor_to_uint8", "validate", "resolve_micro_batch", "checkpoint_residual_groups",
@@ -212,19 +213,6 @@ def checkpoint_residual_groups(model: torch.nn.Module) -> int:
             return checkpoint(_forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
         layer.forward = run
     return len(layers)
-
-
-def fp32_output_convs(model: torch.nn.Module) -> int:
-    """Run the last convolution of the main and every auxiliary head in fp32 with autocast off, so the mean
-    add after it (``SRHeads._head``) is fp32 too: under bf16 autocast the SR output is not rounded to bf16
-    (about one grey level near white) before the loss. Patches the instances' ``forward``; returns the count."""
-    convs = [model.conv_last] + [head.conv_last for head in getattr(model, "aux_heads", {}).values()]
-    for conv in convs:
-        def run(x, _forward=conv.forward):
-            with torch.autocast(x.device.type, enabled=False):
-                return _forward(x.float())
-        conv.forward = run
-    return len(convs)
 
 
 def _divisors_desc(n: int) -> list[int]:

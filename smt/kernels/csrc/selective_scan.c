@@ -25,14 +25,31 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#define W 8       /* channels per SIMD block (one 256-bit vector of float) */
+/* W: channels per SIMD block, one vector of float. The compiler says what this CPU has (-march=native, see
+ * cpu_build.py): 16 lanes (512 bits) where AVX-512F is available, else 8 (256 bits; AVX2, or split by the
+ * compiler on narrower units). Each lane's arithmetic is the same either way. */
+#if defined(__AVX512F__)
+#define W 16
+#else
+#define W 8
+#endif
 #define MAXN 64   /* largest supported state size */
 
-/* Offsets of each lane's (b, group) slice of B/C; returns 1 when all lanes share one group. */
-static int lane_offsets(long b, long d0, long nw, long G, long per_group, long L, long N, long *off) {
+/* Job `job`: its batch b, first channel d0 and width nw (W, less in the last block). */
+static inline void job_block(long job, long D, long *b, long *d0, long *nw) {
+    long nblk = (D + W - 1) / W;
+    *b = job / nblk;
+    *d0 = (job % nblk) * W;
+    *nw = D - *d0 < W ? D - *d0 : W;
+}
+
+/* Job `job` as job_block, and each lane's offset of its (b, group) slice of a contiguous (batch, G, L, N) B/C;
+ * returns 1 when all lanes share one group. */
+static inline int job_lanes(long job, long D, long G, long L, long N, long *b, long *d0, long *nw, long *off) {
     int shared = 1;
+    job_block(job, D, b, d0, nw);
     for (long j = 0; j < W; ++j) {
-        off[j] = (b * G + (d0 + (j < nw ? j : 0)) / per_group) * L * N;
+        off[j] = (*b * G + (*d0 + (j < *nw ? j : 0)) / (D / G)) * L * N;
         shared &= off[j] == off[0];
     }
     return shared;
@@ -42,10 +59,9 @@ static int lane_offsets(long b, long d0, long nw, long G, long per_group, long L
 void scan_fwd_f64(const double *u, const double *dt, const double *A, const double *B, const double *C, double *y,
                   double *last, long batch, long D, long N, long L, long G, long sb, long sl, long sd,
                   long job_begin, long job_end) {
-    long nblk = (D + W - 1) / W, per_group = D / G;
     for (long job = job_begin; job < job_end; ++job) {
-        long b = job / nblk, d0 = (job % nblk) * W, nw = D - d0 < W ? D - d0 : W, off[W];
-        lane_offsets(b, d0, nw, G, per_group, L, N, off);
+        long b, d0, nw, off[W];
+        job_lanes(job, D, G, L, N, &b, &d0, &nw, off);
         double h[MAXN][W] = {{0}};
         for (long l = 0; l < L; ++l) {
             for (long j = 0; j < nw; ++j) {
@@ -68,12 +84,11 @@ void scan_bwd_f64(const double *u, const double *dt, const double *A, const doub
                   const double *dy, double *du, double *ddt, double *dA_part, double *dB_part, double *dC_part,
                   long batch, long D, long N, long L, long G, long sb, long sl, long sd,
                   long job_begin, long job_end) {
-    long nblk = (D + W - 1) / W, per_group = D / G;
     {
         double *hs = (double *)malloc(sizeof(double) * (size_t)(L * N * W));
         for (long job = job_begin; job < job_end; ++job) {
-            long b = job / nblk, d0 = (job % nblk) * W, nw = D - d0 < W ? D - d0 : W, off[W];
-            lane_offsets(b, d0, nw, G, per_group, L, N, off);
+            long b, d0, nw, off[W];
+            job_lanes(job, D, G, L, N, &b, &d0, &nw, off);
             double *dBt = dB_part, *dCt = dC_part;
             double *dA = dA_part;
             double h[MAXN][W] = {{0}}, dh[MAXN][W] = {{0}};
@@ -110,35 +125,35 @@ void scan_bwd_f64(const double *u, const double *dt, const double *A, const doub
 }
 
 /* ---------------------------------------------------------------- float32, explicit vectors */
-typedef float v8 __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
+typedef float vw __attribute__((vector_size(4 * W)));
+typedef int32_t vwi __attribute__((vector_size(4 * W)));
 
-static inline v8 vsel(v8i m, v8 a, v8 b) { return (v8)((m & (v8i)a) | (~m & (v8i)b)); }
-static inline v8 vsplat(float x) { return (v8){0} + x; }
+static inline vw vsel(vwi m, vw a, vw b) { return (vw)((m & (vwi)a) | (~m & (vwi)b)); }
+static inline vw vsplat(float x) { return (vw){0} + x; }
 
-/* exp of 8 floats: Cody-Waite reduction x = k*ln2 + r (|r| <= ln2/2), degree-7 Taylor polynomial, 2^k
+/* exp of W floats: Cody-Waite reduction x = k*ln2 + r (|r| <= ln2/2), degree-7 Taylor polynomial, 2^k
  * written into the exponent bits. Max relative error 8e-8 (measured against double exp). Inputs are
  * clamped to [-87, 88]; exp(-87) = 1.6e-38 stands in for smaller values, which only ever multiply states. */
-static inline v8 vexp(v8 x) {
-    x = vsel(x < -87.0f, (v8){0} - 87.0f, x);
-    x = vsel(x > 88.0f, (v8){0} + 88.0f, x);
-    v8i ki = __builtin_convertvector(x * 1.44269504088896341f + 128.5f, v8i);  /* k + 128 > 0: trunc = floor */
-    v8 kf = __builtin_convertvector(ki, v8) - 128.0f;
-    v8 r = x - kf * 0.693145751953125f;
+static inline vw vexp(vw x) {
+    x = vsel(x < -87.0f, (vw){0} - 87.0f, x);
+    x = vsel(x > 88.0f, (vw){0} + 88.0f, x);
+    vwi ki = __builtin_convertvector(x * 1.44269504088896341f + 128.5f, vwi);  /* k + 128 > 0: trunc = floor */
+    vw kf = __builtin_convertvector(ki, vw) - 128.0f;
+    vw r = x - kf * 0.693145751953125f;
     r = r - kf * 1.428606765330187045e-06f;
-    v8 p = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
+    vw p = r * (1.0f / 5040.0f) + 1.0f / 720.0f;
     p = p * r + 1.0f / 120.0f;
     p = p * r + 1.0f / 24.0f;
     p = p * r + 1.0f / 6.0f;
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    return p * (v8)((ki - 1) << 23);  /* (k + 127) << 23 is 2^k */
+    return p * (vw)((ki - 1) << 23);  /* (k + 127) << 23 is 2^k */
 }
 
 /* W channels starting at p, `stride` elements apart (1 for channel-last tensors: one vector load). */
-static inline v8 vload(const float *p, long stride, long nw) {
-    v8 v;
+static inline vw vload(const float *p, long stride, long nw) {
+    vw v;
     if (nw == W && stride == 1) {
         __builtin_memcpy(&v, p, sizeof v);
         return v;
@@ -149,7 +164,7 @@ static inline v8 vload(const float *p, long stride, long nw) {
     return v;
 }
 
-static inline void vstore(float *p, v8 v, long nw) {
+static inline void vstore(float *p, vw v, long nw) {
     if (nw == W) {
         __builtin_memcpy(p, &v, sizeof v);
         return;
@@ -159,32 +174,32 @@ static inline void vstore(float *p, v8 v, long nw) {
     for (long j = 0; j < nw; ++j) p[j] = t[j];
 }
 
-static inline float vsum(v8 v) {
+static inline float vsum(vw v) {
     float t[W], s = 0;
     __builtin_memcpy(t, &v, sizeof v);
     for (long j = 0; j < W; ++j) s += t[j];
     return s;
 }
 
-static inline v8 vgather(const float *base, const long *off, long k) {
+static inline vw vgather(const float *base, const long *off, long k) {
     float t[W];
     for (long j = 0; j < W; ++j) t[j] = base[off[j] + k];
-    v8 v;
+    vw v;
     __builtin_memcpy(&v, t, sizeof v);
     return v;
 }
 
-static inline void vscatter_add(float *base, const long *off, long k, v8 v, long nw) {
+static inline void vscatter_add(float *base, const long *off, long k, vw v, long nw) {
     float t[W];
     __builtin_memcpy(t, &v, sizeof v);
     for (long j = 0; j < nw; ++j) base[off[j] + k] += t[j];
 }
 
-static void load_a(const float *A, long d0, long nw, long N, v8 *a) {
+static void load_a(const float *A, long d0, long nw, long N, vw *a) {
     for (long n = 0; n < N; ++n) {
         float t[W] = {0};
         for (long j = 0; j < nw; ++j) t[j] = A[(d0 + j) * N + n];
-        __builtin_memcpy(&a[n], t, sizeof(v8));
+        __builtin_memcpy(&a[n], t, sizeof(vw));
     }
 }
 
@@ -192,17 +207,16 @@ static void load_a(const float *A, long d0, long nw, long N, v8 *a) {
 void scan_fwd_f32(const float *u, const float *dt, const float *A, const float *B, const float *C, float *y,
                   float *last, long batch, long D, long N, long L, long G, long sb, long sl, long sd,
                   long job_begin, long job_end) {
-    long nblk = (D + W - 1) / W, per_group = D / G;
     for (long job = job_begin; job < job_end; ++job) {
-        long b = job / nblk, d0 = (job % nblk) * W, nw = D - d0 < W ? D - d0 : W, off[W];
-        int shared = lane_offsets(b, d0, nw, G, per_group, L, N, off);
+        long b, d0, nw, off[W];
+        int shared = job_lanes(job, D, G, L, N, &b, &d0, &nw, off);
         const float *Bg = B + off[0], *Cg = C + off[0];
-        v8 a[MAXN], h[MAXN];
+        vw a[MAXN], h[MAXN];
         load_a(A, d0, nw, N, a);
-        for (long n = 0; n < N; ++n) h[n] = (v8){0};
+        for (long n = 0; n < N; ++n) h[n] = (vw){0};
         for (long l = 0; l < L; ++l) {
             long o = (b * L + l) * D + d0, soff = b * sb + l * sl + d0 * sd;
-            v8 dtv = vload(dt + soff, sd, nw), xv = dtv * vload(u + soff, sd, nw), acc = {0};
+            vw dtv = vload(dt + soff, sd, nw), xv = dtv * vload(u + soff, sd, nw), acc = {0};
             const float *Bl = Bg + l * N, *Cl = Cg + l * N;
             if (shared)
                 for (long n = 0; n < N; ++n) {
@@ -229,11 +243,11 @@ void scan_fwd_f32(const float *u, const float *dt, const float *A, const float *
  * argument e = exp(-|x|) lies in (0, 1]: log1p(e) = 2 atanh(s) with s = e / (2 + e) in (0, 1/3], summed to
  * s^17 (truncation < 1e-9 relative; no cancellation for tiny e, where it tends to e). Above the threshold torch
  * returns x itself, and so does this (the added log1p(exp(-x)) < 2.1e-9 vanishes in float32 next to x > 20). */
-static inline v8 vsoftplus(v8 x) {
-    v8 ax = vsel(x < 0.0f, 0.0f - x, x);
-    v8 e = vexp(0.0f - ax);
-    v8 s = e / (e + 2.0f), z = s * s;
-    v8 p = z * (1.0f / 17.0f) + 1.0f / 15.0f;
+static inline vw vsoftplus(vw x) {
+    vw ax = vsel(x < 0.0f, 0.0f - x, x);
+    vw e = vexp(0.0f - ax);
+    vw s = e / (e + 2.0f), z = s * s;
+    vw p = z * (1.0f / 17.0f) + 1.0f / 15.0f;
     p = p * z + 1.0f / 13.0f;
     p = p * z + 1.0f / 11.0f;
     p = p * z + 1.0f / 9.0f;
@@ -241,11 +255,11 @@ static inline v8 vsoftplus(v8 x) {
     p = p * z + 1.0f / 5.0f;
     p = p * z + 1.0f / 3.0f;
     p = p * z + 1.0f;
-    v8 pos = vsel(x > 0.0f, x, (v8){0});
+    vw pos = vsel(x > 0.0f, x, (vw){0});
     return pos + 2.0f * s * p;
 }
 
-static inline void vstore_strided(float *p, long stride, v8 v, long nw) {
+static inline void vstore_strided(float *p, long stride, vw v, long nw) {
     if (stride == 1) {
         vstore(p, v, nw);
         return;
@@ -266,26 +280,26 @@ void scan_fwd_fused_f32(const float *u, const float *delta, const float *bias, i
                         long batch, long D, long N, long L, long G, long sb, long sl, long sd,
                         long yb, long yl, long yd, long bb, long bg, long bn, long bl,
                         long cb, long cg, long cn, long cl, long job_begin, long job_end) {
-    long nblk = (D + W - 1) / W, per_group = D / G;
     for (long job = job_begin; job < job_end; ++job) {
-        long b = job / nblk, d0 = (job % nblk) * W, nw = D - d0 < W ? D - d0 : W, boff[W], coff[W];
+        long b, d0, nw, boff[W], coff[W];
         int shared = 1;
+        job_block(job, D, &b, &d0, &nw);
         for (long j = 0; j < W; ++j) {
-            long g = (d0 + (j < nw ? j : 0)) / per_group;
+            long g = (d0 + (j < nw ? j : 0)) / (D / G);
             boff[j] = b * bb + g * bg;
             coff[j] = b * cb + g * cg;
             shared &= boff[j] == boff[0] && coff[j] == coff[0];
         }
-        v8 a[MAXN], h[MAXN];
-        v8 biasv = bias ? vload(bias + d0, 1, nw) : (v8){0};
-        v8 dv = Dskip ? vload(Dskip + d0, 1, nw) : (v8){0};
+        vw a[MAXN], h[MAXN];
+        vw biasv = bias ? vload(bias + d0, 1, nw) : (vw){0};
+        vw dv = Dskip ? vload(Dskip + d0, 1, nw) : (vw){0};
         load_a(A, d0, nw, N, a);
-        for (long n = 0; n < N; ++n) h[n] = (v8){0};
+        for (long n = 0; n < N; ++n) h[n] = (vw){0};
         for (long l = 0; l < L; ++l) {
             long soff = b * sb + l * sl + d0 * sd;
-            v8 uv = vload(u + soff, sd, nw), dtv = vload(delta + soff, sd, nw) + biasv, acc = {0};
+            vw uv = vload(u + soff, sd, nw), dtv = vload(delta + soff, sd, nw) + biasv, acc = {0};
             if (softplus) dtv = vsoftplus(dtv);
-            v8 xv = dtv * uv;
+            vw xv = dtv * uv;
             if (shared) {
                 const float *Bl = B + boff[0] + l * bl, *Cl = C + coff[0] + l * cl;
                 for (long n = 0; n < N; ++n) {
@@ -300,7 +314,7 @@ void scan_fwd_fused_f32(const float *u, const float *delta, const float *bias, i
             }
             acc += dv * uv;
             if (z) {
-                v8 zv = vload(z + soff, sd, nw);
+                vw zv = vload(z + soff, sd, nw);
                 acc *= zv / (1.0f + vexp(0.0f - zv));
             }
             vstore_strided(y + b * yb + l * yl + d0 * yd, yd, acc, nw);
@@ -319,38 +333,37 @@ void scan_bwd_f32(const float *u, const float *dt, const float *A, const float *
                   const float *dy, float *du, float *ddt, float *dA_part, float *dB_part, float *dC_part,
                   long batch, long D, long N, long L, long G, long sb, long sl, long sd,
                   long job_begin, long job_end) {
-    long nblk = (D + W - 1) / W, per_group = D / G;
     {
-        v8 *hs = (v8 *)aligned_alloc(32, sizeof(v8) * (size_t)(L * N));
+        vw *hs = (vw *)aligned_alloc(sizeof(vw), sizeof(vw) * (size_t)(L * N));
         for (long job = job_begin; job < job_end; ++job) {
-            long b = job / nblk, d0 = (job % nblk) * W, nw = D - d0 < W ? D - d0 : W, off[W];
-            int shared = lane_offsets(b, d0, nw, G, per_group, L, N, off);
+            long b, d0, nw, off[W];
+            int shared = job_lanes(job, D, G, L, N, &b, &d0, &nw, off);
             float *dBt = dB_part, *dCt = dC_part;
             float *dA = dA_part;
-            v8 a[MAXN], h[MAXN], dh[MAXN], da[MAXN];
+            vw a[MAXN], h[MAXN], dh[MAXN], da[MAXN];
             load_a(A, d0, nw, N, a);
-            for (long n = 0; n < N; ++n) h[n] = dh[n] = da[n] = (v8){0};
+            for (long n = 0; n < N; ++n) h[n] = dh[n] = da[n] = (vw){0};
             for (long l = 0; l < L; ++l) {  /* recompute this block's states */
                 long soff = b * sb + l * sl + d0 * sd;
-                v8 dtv = vload(dt + soff, sd, nw), xv = dtv * vload(u + soff, sd, nw);
+                vw dtv = vload(dt + soff, sd, nw), xv = dtv * vload(u + soff, sd, nw);
                 for (long n = 0; n < N; ++n) {
-                    v8 bv = shared ? (v8){0} + B[off[0] + l * N + n] : vgather(B, off, l * N + n);
+                    vw bv = shared ? (vw){0} + B[off[0] + l * N + n] : vgather(B, off, l * N + n);
                     h[n] = vexp(dtv * a[n]) * h[n] + xv * bv;
                     hs[l * N + n] = h[n];
                 }
             }
             for (long l = L - 1; l >= 0; --l) {
                 long o = (b * L + l) * D + d0, soff = b * sb + l * sl + d0 * sd;
-                v8 dtv = vload(dt + soff, sd, nw), uv = vload(u + soff, sd, nw), gv = vload(dy + o, 1, nw);
-                v8 du_acc = {0}, ddt_acc = {0}, dtu = dtv * uv;
+                vw dtv = vload(dt + soff, sd, nw), uv = vload(u + soff, sd, nw), gv = vload(dy + o, 1, nw);
+                vw du_acc = {0}, ddt_acc = {0}, dtu = dtv * uv;
                 for (long n = 0; n < N; ++n) {
                     long k = l * N + n;
-                    v8 bv = shared ? (v8){0} + B[off[0] + k] : vgather(B, off, k);
-                    v8 cv = shared ? (v8){0} + C[off[0] + k] : vgather(C, off, k);
-                    v8 dhn = dh[n] + gv * cv;
-                    v8 e = vexp(dtv * a[n]);
-                    v8 hp = l > 0 ? hs[k - N] : (v8){0};
-                    v8 de = dhn * hp * e;
+                    vw bv = shared ? (vw){0} + B[off[0] + k] : vgather(B, off, k);
+                    vw cv = shared ? (vw){0} + C[off[0] + k] : vgather(C, off, k);
+                    vw dhn = dh[n] + gv * cv;
+                    vw e = vexp(dtv * a[n]);
+                    vw hp = l > 0 ? hs[k - N] : (vw){0};
+                    vw de = dhn * hp * e;
                     if (shared) {
                         dCt[off[0] + k] += vsum(gv * hs[k]);
                         dBt[off[0] + k] += vsum(dhn * dtu);

@@ -1,0 +1,141 @@
+"""MambaIRv2 and HAT inference fast paths (issue 17) against their reference paths, layer by layer and whole
+models, in eval mode without autograd; training (autograd) keeps the reference path."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from smt.kernels.attention import reference_paths
+from smt.models import HAT, MambaIRv2
+from smt.models.common import FastLinear, gemm_row_multiple, padded_linear
+from smt.models.mambairv2 import ASSM
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _tiny_mamba(routing: str) -> MambaIRv2:
+    torch.manual_seed(0)
+    # widths not multiples of the SIMD width, so the padded GEMMs (FastLinear) pad
+    return MambaIRv2(img_size=16, embed_dim=18, d_state=4, depths=(2, 2), num_heads=(2, 2), window_size=4,
+                     inner_rank=8, num_tokens=8, convffn_kernel_size=5, mlp_ratio=2.0, upscale=2,
+                     upsampler="pixelshuffle", routing=routing).eval()
+
+
+@pytest.mark.parametrize("routing", ["gumbel", "argmax"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_assm_fast_path_equals_reference_for_both_routings(routing, batch):
+    torch.manual_seed(1)
+    assm = ASSM(dim=12, d_state=4, num_tokens=8, inner_rank=6, mlp_ratio=2.0).eval()
+    token = torch.nn.Embedding(6, 4)
+    x = torch.randn(batch, 8 * 10, 12)
+    with torch.no_grad():
+        torch.manual_seed(7)  # gumbel routing draws noise: the same seed gives both paths the same draws
+        with reference_paths():
+            ref = assm(x, (8, 10), token, routing, "auto")
+        torch.manual_seed(7)
+        fast = assm(x, (8, 10), token, routing, "auto")
+    assert _rel_err(fast, ref) <= 1e-5
+
+
+def test_assm_gumbel_fast_path_consumes_the_generator_like_the_reference():
+    assm = ASSM(dim=12, d_state=4, num_tokens=8, inner_rank=6, mlp_ratio=2.0).eval()
+    token = torch.nn.Embedding(6, 4)
+    x = torch.randn(1, 64, 12)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        with reference_paths():
+            assm(x, (8, 8), token, "gumbel", "auto")
+        after_ref = torch.rand(4)
+        torch.manual_seed(3)
+        assm(x, (8, 8), token, "gumbel", "auto")
+        assert torch.equal(torch.rand(4), after_ref)
+
+
+def _both_paths(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fast, reference) outputs without autograd, each from the same generator state (gumbel routing)."""
+    outs = []
+    with torch.no_grad():
+        for ctx in (contextlib.nullcontext, reference_paths):
+            torch.manual_seed(5)
+            with ctx():
+                outs.append(net(x))
+    return outs[0], outs[1]
+
+
+@pytest.mark.parametrize("routing", ["gumbel", "argmax"])
+def test_mambairv2_fast_paths_equal_reference_with_shifted_windows(routing):
+    # padded to 20 x 16: 5 x 4 windows, the shifted layers mask across regions
+    fast, ref = _both_paths(_tiny_mamba(routing), torch.rand(2, 3, 18, 14))
+    assert _rel_err(fast, ref) <= 1e-5
+
+
+def test_mambairv2_training_forward_takes_the_reference_path_and_backpropagates():
+    net = _tiny_mamba("gumbel").train()
+    x = torch.rand(1, 3, 16, 16)
+    torch.manual_seed(2)
+    out = net(x)
+    torch.manual_seed(2)
+    with reference_paths():
+        ref = net(x)
+    assert torch.equal(out, ref)  # the same code ran
+    out.mean().backward()
+    assm = net.layers[0].residual_group.layers[0].assm
+    assert assm.in_proj[0].weight.grad.abs().sum() > 0 and assm.route[0].weight.grad.abs().sum() > 0
+
+
+def test_hat_fast_paths_equal_reference_with_shifted_windows_and_batch_two():
+    torch.manual_seed(0)
+    net = HAT(img_size=16, embed_dim=18, depths=(2, 2), num_heads=(2, 2), window_size=4, squeeze_factor=4,
+              upscale=2, upsampler="pixelshuffle").eval()
+    fast, ref = _both_paths(net, torch.rand(2, 3, 14, 18))  # padded to 16 x 20: 4 x 5 windows
+    assert _rel_err(fast, ref) <= 1e-5
+
+
+def test_window_order_is_roll_then_partition_with_groups_covering_every_window():
+    from smt.models.common import window_order, window_partition, windows_gather, windows_scatter
+
+    x = torch.randn(2, 12, 8, 3)
+    for shift in (0, 2):
+        order = window_order(2, 12, 8, 4, shift, x.device)
+        got = windows_gather(x.reshape(2, 96, 3), order, 4)
+        ref = window_partition(torch.roll(x, (-shift, -shift), (1, 2)), 4)  # (2*6, 16, 3), batch-major
+        assert sorted(order.index.tolist()) == list(range(2 * 96))
+        assert order.groups[0][0] == 0 and order.groups[-1][1] == 12
+        assert all(a[1] == b[0] for a, b in zip(order.groups, order.groups[1:]))
+        # the same windows, in group order
+        assert sorted(map(tuple, got.flatten(1).tolist())) == sorted(map(tuple, ref.flatten(1).tolist()))
+        assert torch.equal(windows_scatter(got, order, 2), x.reshape(2, 96, 3))
+    assert len(window_order(2, 12, 8, 4, 2, x.device).groups) == 4
+
+
+def test_padded_linear_equals_linear_and_follows_weight_changes():
+    torch.manual_seed(0)
+    lin = FastLinear(10, 2 * gemm_row_multiple() + 3).eval()
+    x = torch.randn(2, 7, 10)
+    with torch.no_grad():
+        out = lin(x)
+        assert out.shape == (2, 7, lin.out_features) and not out.is_contiguous()  # padding sliced off
+        assert _rel_err(out, torch.nn.functional.linear(x, lin.weight, lin.bias)) <= 1e-6
+        lin.weight.mul_(2.0)  # an in-place change (load_state_dict, optimiser step) is seen
+        assert _rel_err(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias)) <= 1e-6
+        with reference_paths():
+            assert lin(x).is_contiguous()
+    # autograd: the plain nn.Linear path, gradients reach the weight
+    lin(x).sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+    # a 1x1 conv's (out, in, 1, 1) weight works as a matmul weight
+    conv = torch.nn.Conv2d(10, 5, 1)
+    with torch.no_grad():
+        got = padded_linear(x, conv.weight, conv.bias)
+        ref = conv(x.transpose(1, 2).reshape(2, 10, 7, 1)).reshape(2, 5, 7).transpose(1, 2)
+    assert _rel_err(got, ref) <= 1e-5
+
+
+def test_fast_linear_state_dict_is_nn_linear_s():
+    a, b = torch.nn.Linear(6, 9), FastLinear(6, 9)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    b.load_state_dict(a.state_dict(), strict=True)

@@ -72,7 +72,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ReportConfig:
-    """The ``report`` stage: score every method on the validation images and write the reports."""
+    """The ``report`` stage: score every method on the validation and test images and write the reports."""
 
     protocol: Literal["NTIRE2025", "BasicSR"] = "NTIRE2025"
     crop_size: int = 96  # side (HR pixels) of the zoomed crops in the visual comparison

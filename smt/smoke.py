@@ -149,7 +149,8 @@ def _efficient_kernel_takes(q, k, v, bias, scale) -> str:
 
 
 def _train_row(preset: str, dev: torch.device, patch: int, batch: int, distributed: bool) -> SmokeRow:
-    from smt.train.engine import _MultiScale, fp32_output_convs
+    from smt.train.engine import _MultiScale
+    from smt.train.output_precision import fp32_output_convs
 
     bf16 = dev.type == "cuda"
     torch.manual_seed(0)

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from smt.config import TrainConfig, parse_section
 from smt.models import build_model
-from smt.train.engine import checkpoint_residual_groups, fp32_output_convs, run_dir, train_stage
+from smt.train.engine import checkpoint_residual_groups, run_dir, train_stage
 from smt.train.losses import multiscale_loss
+from smt.train.output_precision import fp32_output_convs
 
 WEIGHTS = {4: 1.0, 3: 0.5, 2: 0.5}
 

@@ -13,7 +13,7 @@ STAGE_TITLES = {
     "data": "Data: demo image set, bicubic LR, manifests",
     "select": "CLIP selection of the fine-tuning images",
     "infer": "Inference: ensembles, fusion weight, cost per image",
-    "report": "Evaluation: PSNR/SSIM of every method on the validation images",
+    "report": "Evaluation: PSNR/SSIM of every method on the validation and test images",
     "benchmark": "Benchmark: the final models on Set5, Set14, B100, Urban100, Manga109 (published numbers beside)",
     "ablation_loss": "Ablation 1: multi-scale loss vs x4-only loss (seeds)",
     "ablation_subset": "Ablation 2: fine-tuning on CLIP-selected vs random images (seeds)",

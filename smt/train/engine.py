@@ -53,8 +53,7 @@ from smt.train.losses import multiscale_loss
 from smt.train.output_precision import fp32_output_convs
 
 __all__ = ["TrainingError", "Preempted", "PREEMPTED_EXIT_CODE", "STOP_SIGNALS", "StageResult", "train_stage",
-           "run_dir", "tensor_to_uint8", "validate", "resolve_micro_batch", "checkpoint_residual_groups",
-           "fp32_output_convs"]
+           "run_dir", "tensor_to_uint8", "validate", "resolve_micro_batch", "checkpoint_residual_groups"]
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: `python -m smt train` stopped by a signal; rerunning resumes
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, n))

@@ -12,11 +12,13 @@ For each case: the forward's median time, its FLOPs counted by ``torch.utils.flo
 on the reference paths (matmuls and convolutions, not the fast paths' zero-padded GEMM rows; attention only
 where it runs as matmuls: the counter has no formula for PyTorch's CPU flash-attention kernel; elementwise work
 and MambaIRv2's selective scan, a C extension, are invisible to it: the figure is a lower bound), the
-effective GFLOP/s, and that as a fraction of a 2048x2048 matmul's GFLOP/s measured in the same invocation
-(fp32, and bf16 when the CPU has native bf16 units, detected at run time by
-:func:`smt.infer.precision.cpu_has_native_bf16`). Peak memory is the growth of the process's peak RSS
-(``ru_maxrss``) during the case, each case running in its own subprocess so the peak is its own (taken after
-the fast path's warm-up forward, before the FLOP count and any reference run). The machines are shared:
+effective GFLOP/s, and that as a fraction of a 2048x2048 matmul's GFLOP/s ("matmul": fp32, or bf16 for the
+bf16 precisions) timed in the case's own process just before each timed forward and after the last (median),
+so a machine whose load changes during the run (shared cores) is compared with its speed at that moment. The
+matmul line at the top is the same measurement once per invocation (bf16 when the CPU has native bf16 units,
+detected at run time by :func:`smt.infer.precision.cpu_has_native_bf16`). Peak memory is the growth of the
+process's peak RSS (``ru_maxrss``) during the case, each case running in its own subprocess so the peak is its
+own (taken after the fast path's warm-up forward, before the FLOP count and any reference run). The machines are shared:
 compare ratios from one invocation, not absolute times across runs.
 """
 from __future__ import annotations
@@ -41,6 +43,12 @@ def matmul_gflops(dtype_name: str, n: int = 2048, repeats: int = 3) -> float:
     return 2 * n ** 3 / median_time(lambda: a @ b, repeats) / 1e9
 
 
+def _one_matmul_gflops(a, b) -> float:
+    t = time.perf_counter()
+    a @ b
+    return 2 * a.shape[0] ** 3 / (time.perf_counter() - t) / 1e9
+
+
 def run_case(model: str, size: int, precision: str, repeats: int, with_reference: bool) -> dict:
     """Times the fast paths and (``with_reference``) the reference paths alternately in this process, so both
     see the same machine load; peak RSS is taken after the fast path's warm-up, before any reference run."""
@@ -56,6 +64,8 @@ def run_case(model: str, size: int, precision: str, repeats: int, with_reference
     net = build_model(model).eval()
     fwd = with_precision(net, precision)
     x = torch.rand(1, 3, size, size)
+    mm_dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    ma, mb = torch.randn(2048, 2048).to(mm_dtype), torch.randn(2048, 2048).to(mm_dtype)
 
     def timed(reference: bool) -> float:
         t = time.perf_counter()
@@ -74,14 +84,17 @@ def run_case(model: str, size: int, precision: str, repeats: int, with_reference
         with FlopCounterMode(display=False) as counter, reference_paths():
             net(x)
         flops = counter.get_total_flops()
-        fast, ref = [], []
+        fast, ref, matmul = [], [], []
+        _one_matmul_gflops(ma, mb)  # warm-up
         for _ in range(repeats):
+            matmul.append(_one_matmul_gflops(ma, mb))  # the machine's speed right now, beside each forward
             fast.append(timed(False))
             if with_reference:
                 ref.append(timed(True))
+        matmul.append(_one_matmul_gflops(ma, mb))
     return {"model": model, "size": size, "precision": precision, "seconds": statistics.median(fast),
             "reference_seconds": statistics.median(ref) if ref else None, "gflop": flops / 1e9,
-            "peak_rss_mb": peak}
+            "peak_rss_mb": peak, "matmul_gflops": statistics.median(matmul)}
 
 
 def _in_subprocess(args: list[str]) -> dict:
@@ -134,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         peak["bf16"] = peak["bf16-weights"] = _in_subprocess(["--matmul", "bfloat16"])["gflops"]
     print("matmul 2048^2: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peak.items() if k != "bf16-weights"))
     print(f"{'model':<12} {'px':>4} {'prec':<12} {'ref s':>7} {'fast s':>7} {'speed-up':>8} {'GFLOP':>7} "
-          f"{'GFLOP/s':>8} {'% matmul':>8} {'peak MB':>8}")
+          f"{'GFLOP/s':>8} {'matmul':>7} {'% matmul':>8} {'peak MB':>8}")
     for model in args.models:
         for size in sizes:
             for prec in precisions:
@@ -142,9 +155,10 @@ def main(argv: list[str] | None = None) -> None:
                 rate = r["gflop"] / r["seconds"]
                 ref = r["reference_seconds"]
                 ref_txt, gain = (f"{ref:>7.2f}", f"{ref / r['seconds']:.2f}x") if ref else ("", "")
+                mm = r["matmul_gflops"]
                 print(f"{model:<12} {size:>4} {prec:<12} {ref_txt:>7} {r['seconds']:>7.2f} {gain:>8} "
-                      f"{r['gflop']:>7.1f} {rate:>8.1f} {100 * rate / peak[prec]:>7.0f}% {r['peak_rss_mb']:>8.0f}",
-                      flush=True)
+                      f"{r['gflop']:>7.1f} {rate:>8.1f} {mm:>7.1f} {100 * rate / mm:>7.0f}% "
+                      f"{r['peak_rss_mb']:>8.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,17 @@ models, in eval mode without autograd; training (autograd) keeps the reference p
 from __future__ import annotations
 
 import contextlib
+import math
+import struct
 
+import numpy as np
 import pytest
 import torch
 
 from smt.kernels.attention import reference_paths
 from smt.models import HAT, MambaIRv2
 from smt.models.common import FastLinear, gemm_row_multiple, padded_linear
-from smt.models.mambairv2 import ASSM
+from smt.models.mambairv2 import ASSM, _exponential_from_bits, _standard_exponential_like
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -53,6 +56,55 @@ def test_assm_gumbel_fast_path_consumes_the_generator_like_the_reference():
         torch.manual_seed(3)
         assm(x, (8, 8), token, "gumbel", "auto")
         assert torch.equal(torch.rand(4), after_ref)
+
+
+def test_standard_exponential_equals_exponential_and_leaves_the_same_generator_state():
+    x = torch.empty(16, 4096, 32)
+    torch.manual_seed(11)
+    ref = torch.empty_like(x).exponential_()
+    after_ref = torch.rand(4)
+    torch.manual_seed(11)
+    got = _standard_exponential_like(x)
+    assert torch.equal(got, ref) and got.dtype == torch.float32
+    assert torch.equal(torch.rand(4), after_ref)
+
+
+def test_exponential_from_bits_rounds_like_the_scalar_log1p_next_to_float_half_way_points():
+    # bits whose -log1p(-u) lies next to the half way between two floats, where a vectorised log1p an ulp off
+    # would round the other way: the result must be the scalar C library's value, rounded once to float
+    bits, near = [], 0
+    for f in (0.01, 0.3, 1.0, 2.5, 7.0, 20.0):
+        f32 = np.float32(f)
+        half = (float(f32) + float(np.nextafter(f32, np.float32(np.inf)))) / 2
+        b0 = round(-math.expm1(-half) * 2.0 ** 53)
+        for b in range(b0 - 4, b0 + 5):
+            bits.append(b)
+            e = -math.log1p(-b * 2.0 ** -53)
+            low = struct.unpack("<q", struct.pack("<d", e))[0] & ((1 << 29) - 1)
+            near += abs(low - (1 << 28)) <= 16
+    assert near > 0  # the recomputed branch is exercised
+    got = _exponential_from_bits(torch.tensor(bits, dtype=torch.int64))
+    ref = torch.tensor([np.float32(-math.log1p(-b * 2.0 ** -53)) for b in bits])
+    assert torch.equal(got, ref)
+
+
+def test_cpu_scan_inference_output_is_channel_last_with_the_reference_layout_s_values():
+    from smt.kernels.selective_scan import selective_scan_cpu
+
+    torch.manual_seed(0)
+    b, d, n, length = 2, 20, 4, 33  # d not a multiple of the SIMD width: a partial last block
+    x = torch.randn(b, length, d)  # channel-last, as MambaIRv2 passes it (a transposed view)
+    dt = torch.randn(b, length, d)
+    A, B, C = -torch.rand(d, n), torch.randn(b, n, length), torch.randn(b, n, length)
+    args = (x.transpose(1, 2), dt.transpose(1, 2), A, B, C, torch.randn(d))
+    bias = torch.randn(d)
+    with torch.no_grad():
+        fast = selective_scan_cpu(*args, delta_bias=bias, delta_softplus=True)
+        with reference_paths():
+            ref = selective_scan_cpu(*args, delta_bias=bias, delta_softplus=True)
+    assert fast.shape == ref.shape == (b, d, length)
+    assert fast.transpose(1, 2).is_contiguous() and ref.is_contiguous()
+    assert torch.equal(fast, ref)  # the same kernel and values, only the output strides differ
 
 
 def _both_paths(net: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,8 @@
 """Inference precision: ``fp32`` (the reference) or ``bf16`` autocast (matrix products and convolutions in
 bfloat16, accumulation and the selective scan in float32; outputs returned as float32), or ``bf16-weights``:
-the same autocast over a bfloat16 copy of the model, so the weights are not re-cast on every call. In both bf16
-modes the model's last convolution and the mean add after it run in fp32, as in training
+the same autocast over a bfloat16 copy of the model, so the weights are not re-cast on every call (the copy is
+made once per model and reused until the model's parameters or buffers change). In both bf16 modes the model's
+last convolution and the mean add after it run in fp32, as in training
 (:func:`smt.train.output_precision.fp32_output_convs`), so the SR image is not rounded to bf16 before it is
 rounded to uint8; fp32 runs the model untouched.
 
@@ -11,6 +12,7 @@ PyTorch emulates bf16 and it is much slower than fp32 — ``benchmarks/bench_ker
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Callable, Literal
 
 import torch
@@ -34,19 +36,7 @@ def with_precision(net: Callable[[torch.Tensor], torch.Tensor], precision: Preci
     if precision == "bf16-weights":
         if not isinstance(net, torch.nn.Module):
             raise ValueError("precision 'bf16-weights' needs an nn.Module (its weights are copied to bfloat16)")
-        # autocast stays on for ops with mixed inputs; LayerNorms keep float32 parameters, which PyTorch's CPU
-        # kernel accepts with bfloat16 or float32 inputs (the scan's outputs are float32). The fp32 output tail
-        # keeps its float32 weights and mean. Kept parts get the original values, not bf16 ones cast back.
-        source, net = net, copy.deepcopy(net).to(torch.bfloat16)
-        keep = {id(m) for m in net.modules() if isinstance(m, torch.nn.LayerNorm)}
-        if hasattr(net, "conv_last"):
-            keep |= {id(conv) for conv in output_convs(net)}
-            if isinstance(getattr(net, "mean", None), torch.Tensor):
-                net.mean = source.mean.detach().clone()
-        originals = dict(source.named_modules())
-        for name, m in net.named_modules():
-            if id(m) in keep:
-                m.float().load_state_dict(originals[name].state_dict())
+        net = _bf16_copy(net)
     if isinstance(net, torch.nn.Module) and hasattr(net, "conv_last"):
         fp32_output_convs(net)
 
@@ -55,6 +45,52 @@ def with_precision(net: Callable[[torch.Tensor], torch.Tensor], precision: Preci
             return net(x).float()
 
     return forward
+
+
+# model -> (its state when copied, its bf16 copy): the infer stage and ``upscale`` call with_precision once per
+# image, and a fresh deep copy each time cost a copy of every weight per image. Weak keys: the copy goes with
+# its model.
+_BF16_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.Module]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _state_key(net: torch.nn.Module) -> tuple:
+    """What the bf16 copy depends on: every parameter and buffer (the tensor itself, its in-place version
+    counter, dtype and device) and the training flag. Reassigning a parameter, ``load_state_dict``, an optimiser
+    step or ``.to()`` changes it."""
+    tensors = [t for _, t in net.named_parameters()] + [t for _, t in net.named_buffers()]
+    return (net.training, tuple((t, t._version, t.dtype, t.device) for t in tensors))
+
+
+def _same_state(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and len(a[1]) == len(b[1]) and all(
+        x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a[1], b[1]))
+
+
+def _bf16_copy(source: torch.nn.Module) -> torch.nn.Module:
+    """The bfloat16 copy of ``source`` for ``bf16-weights``, made once per model and reused while the model's
+    parameters and buffers are the same tensors with the same values (forward hooks are those ``source`` had
+    when the copy was made)."""
+    key = _state_key(source)
+    cached = _BF16_COPIES.get(source)
+    if cached is not None and _same_state(cached[0], key):
+        return cached[1]
+    # autocast stays on for ops with mixed inputs; LayerNorms keep float32 parameters, which PyTorch's CPU
+    # kernel accepts with bfloat16 or float32 inputs (the scan's outputs are float32). The fp32 output tail
+    # keeps its float32 weights and mean. Kept parts get the original values, not bf16 ones cast back.
+    _BF16_COPIES.pop(source, None)  # the stale copy's memory goes before the new copy is made
+    net = copy.deepcopy(source).to(torch.bfloat16)
+    keep = {id(m) for m in net.modules() if isinstance(m, torch.nn.LayerNorm)}
+    if hasattr(net, "conv_last"):
+        keep |= {id(conv) for conv in output_convs(net)}
+        if isinstance(getattr(net, "mean", None), torch.Tensor):
+            net.mean = source.mean.detach().clone()
+    originals = dict(source.named_modules())
+    for name, m in net.named_modules():
+        if id(m) in keep:
+            m.float().load_state_dict(originals[name].state_dict())
+    _BF16_COPIES[source] = (key, net)
+    return net
 
 
 def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:

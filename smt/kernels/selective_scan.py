@@ -32,6 +32,7 @@ from typing import Callable, Literal
 
 import torch
 
+from smt.kernels.attention import fast_paths_enabled
 from smt.kernels.cpu_build import build_error, load_library
 from smt.kernels.scan_common import (KernelScan, check_groups, compute_dtype, core_shape, grouped_bc,
                                      scan_epilogue, step_sizes)
@@ -160,7 +161,11 @@ def _bc_view(M: torch.Tensor, batch: int, dim: int, length: int) -> torch.Tensor
 
 
 def _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    """Inference: one C pass does bias + softplus, the scan, the D skip and the z gate, in (b, D, L) layout."""
+    """Inference: one C pass does bias + softplus, the scan, the D skip and the z gate. Inputs in any (b, D, L)
+    strides; ``y`` is returned as a (b, D, L) *view* of channel-last (b, L, D) memory: the kernel stores each
+    SIMD block of channels contiguously, and a channel-last consumer (MambaIRv2's ``out_norm``) reads it
+    without a copy (inside :func:`smt.kernels.attention.reference_paths`: contiguous (b, D, L), the same
+    values)."""
     lib = load_library()
     batch, dim, length = u.shape
     u, delta, z = u.float(), delta.float(), (z.float() if z is not None else None)
@@ -171,7 +176,8 @@ def _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     check_groups(dim, Bg, Cg)
     bias = delta_bias.float().contiguous() if delta_bias is not None else None
     Dv = D.float().contiguous() if D is not None else None
-    y = torch.empty(batch, dim, length)
+    # the channel-last layout is an inference fast path: reference_paths() keeps the (b, D, L) one
+    y = torch.empty(batch, length, dim).transpose(1, 2) if fast_paths_enabled() else torch.empty(batch, dim, length)
     last = torch.empty(batch, dim, A.shape[1])
     ptr = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
     args = (u.data_ptr(), delta.data_ptr(), ptr(bias), int(bool(delta_softplus)), A.data_ptr(), Bg.data_ptr(),

@@ -25,7 +25,7 @@ from einops import rearrange
 
 from smt.kernels.attention import AttentionImpl, fast_paths_enabled, window_attention
 from smt.models.common import (DropPath, FastLinear, Mlp, RelativeBiasCache, SRHeads, WindowOrder,
-                               attend_window_groups, attend_windows, overlap_relative_position_index,
+                               attend_ordered_windows, attend_windows, overlap_relative_position_index,
                                pad_to_multiple, relative_position_index, window_order, window_partition,
                                window_reverse, windows_gather, windows_scatter)
 
@@ -88,11 +88,9 @@ class WindowAttention(nn.Module):
                         impl: AttentionImpl) -> torch.Tensor:
         """Inference fast path of :meth:`forward`: windows ``x`` in :func:`window_order` (mask groups as
         contiguous slices)."""
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         bias = self._bias_cache.get(self, self.relative_position_bias_table, rpi, x.shape[1])
-        out = attend_window_groups(q, k, v, bias, self.scale, impl, window_attention, order, self.window_size,
-                                   shift)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        return attend_ordered_windows(self.qkv(x), self.num_heads, self.scale, bias, impl, window_attention,
+                                      order, self.window_size, shift, self.proj)
 
     def _attend_with_dropout(self, q, k, v, bias, scale, impl) -> torch.Tensor:
         attn = (q * scale) @ k.transpose(-2, -1) + bias
@@ -128,8 +126,7 @@ class HAB(nn.Module):
             # inference: roll + partition as one row gather, reverse + roll back as one scatter
             order = window_order(x.shape[0], h, w, ws, s, x.device)
             attn = self.attn.forward_ordered(windows_gather(x, order, ws), rpi, order, s, impl)
-            x = shortcut + windows_scatter(attn, order, x.shape[0]) + conv_x * self.conv_scale
-            return x + self.mlp(self.norm2(x))
+            return self._forward_tail(windows_scatter(attn, order, x.shape[0]), shortcut, conv_x)
         x = rearrange(x, "b (h w) c -> b h w c", h=h)
         if s > 0:
             x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
@@ -137,7 +134,12 @@ class HAB(nn.Module):
         x = window_reverse(attn, ws, h, w)
         if s > 0:
             x = torch.roll(x, shifts=(s, s), dims=(1, 2))
-        x = shortcut + self.drop_path(rearrange(x, "b h w c -> b (h w) c")) + conv_x * self.conv_scale
+        return self._forward_tail(rearrange(x, "b h w c -> b (h w) c"), shortcut, conv_x)
+
+    def _forward_tail(self, attn: torch.Tensor, shortcut: torch.Tensor, conv_x: torch.Tensor) -> torch.Tensor:
+        """Everything after the window attention (tokens in image order): the residual sum with the scaled
+        conv branch, then the MLP (DropPath is the identity in eval mode)."""
+        x = shortcut + self.drop_path(attn) + conv_x * self.conv_scale
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

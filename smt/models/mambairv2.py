@@ -36,7 +36,7 @@ from einops import rearrange
 from smt.kernels.attention import AttentionImpl, fast_paths_enabled, window_attention
 from smt.kernels.selective_scan import ScanImpl, selective_scan
 from smt.models.common import (FastLinear, RelativeBiasCache, SRHeads, WindowOrder,
-                               attend_window_groups, attend_windows, pad_to_multiple, padded_linear,
+                               attend_ordered_windows, attend_windows, pad_to_multiple, padded_linear,
                                relative_position_index, window_order, window_partition, window_reverse,
                                windows_gather, windows_scatter)
 from smt.models.hat import _init_weights, _PatchEmbed
@@ -129,10 +129,9 @@ class WindowAttention(nn.Module):
                         impl: AttentionImpl) -> torch.Tensor:
         """Inference fast path of :meth:`forward`: ``qkv`` windows in :func:`window_order` (mask groups as
         contiguous slices)."""
-        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         bias = self._bias_cache.get(self, self.relative_position_bias_table, rpi, qkv.shape[1])
-        out = attend_window_groups(q, k, v, bias, self.scale, impl, window_attention, order, ws, shift)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        return attend_ordered_windows(qkv, self.num_heads, self.scale, bias, impl, window_attention, order, ws,
+                                      shift, self.proj)
 
 
 class Selective_Scan(nn.Module):  # noqa: N801 - official module name
@@ -169,6 +168,40 @@ class Selective_Scan(nn.Module):  # noqa: N801 - official module name
             Bs.float().transpose(1, 2)[:, None], Cs.transpose(1, 2)[:, None], self.Ds.float(), z=None,
             delta_bias=self.dt_projs_bias.float().view(-1), delta_softplus=True, impl=impl)
         return y.transpose(1, 2)
+
+
+_MANTISSA_53 = (1 << 53) - 1
+
+
+def _standard_exponential_like(t: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like(t).exponential_()`` (contiguous): the same values and the same generator state, faster
+    for float32 CPU tensors; other tensors draw with ``exponential_`` itself.
+
+    PyTorch's CPU ``exponential_`` is a serial loop that per element draws ``random64()`` from the global
+    generator and returns ``float(-log1p(-u))`` with ``u = (bits & (2**53 - 1)) * 2**-53`` (double). Here the
+    bits come from ``random_()`` on int64 (the same serial ``random64()`` per element, 5x faster) and the
+    transform runs vectorised. The vectorised double ``log1p`` may differ from the scalar one by an ulp or two,
+    which changes the float result only where the double lies next to a float rounding boundary (the 29 bits
+    that the float cast drops are within 16 of half way): those few elements (about one in 16M) are recomputed
+    with the C library's scalar ``log1p`` (Python's ``math.log1p``)."""
+    if t.device.type != "cpu" or t.dtype != torch.float32:
+        return torch.empty_like(t, memory_format=torch.legacy_contiguous_format).exponential_()
+    # random_() keeps the low 63 bits of each random64(): enough
+    return _exponential_from_bits(torch.empty(t.shape, dtype=torch.int64).random_())
+
+
+def _exponential_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """float32 ``-log1p(-u)``, ``u = (bits & (2**53 - 1)) * 2**-53`` in double, rounded as the scalar C library
+    computation rounds (see :func:`_standard_exponential_like`)."""
+    e = (bits & _MANTISSA_53).double().mul_(-(2.0 ** -53)).log1p_().neg_()
+    out = e.float()
+    # (low 29 bits - (half way - 16)) mod 2**29 <= 32; e is positive and far from float's subnormal range
+    unsure = e.view(torch.int64).sub_((1 << 28) - 16).bitwise_and_((1 << 29) - 1).le_(32)
+    if unsure.any():
+        flat_out, flat_bits = out.view(-1), bits.view(-1)
+        for i in unsure.view(-1).nonzero().view(-1).tolist():
+            flat_out[i] = -math.log1p(-(int(flat_bits[i]) & _MANTISSA_53) * 2.0 ** -53)
+    return out
 
 
 def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -215,7 +248,8 @@ class ASSM(nn.Module):
         """Inference fast path of :meth:`forward` (eval mode, no autograd), equal to it within float rounding.
 
         - Routing: the route index is taken directly (``argmax`` of the noisy logits for ``"gumbel"``, drawing
-          the same noise from the same generator as ``F.gumbel_softmax``; the reference's softmax is monotonic
+          the same noise from the same generator as ``F.gumbel_softmax``, through the faster
+          :func:`_standard_exponential_like`, bit for bit; the reference's softmax is monotonic
           and its one-hot straight-through policy is 1 (to within 1 ulp) at that index and 0 elsewhere), so the
           one-hot matrix, its matmul with the prompts and the scatter of the inverse permutation go; the prompt
           is a row lookup.
@@ -224,6 +258,8 @@ class ASSM(nn.Module):
         - The sort and the unsort move whole rows (``index_select`` / ``index_copy_``) instead of gathering
           element by element through an expanded index. (The prompt stays in token order, as in the reference
           and the official code.)
+        - The CPU scan writes its output channel-last (:func:`smt.kernels.selective_scan._fused_forward`), so
+          ``out_norm`` reads it without a transposing copy.
         """
         b, n, c = x.shape
         h, w = x_size
@@ -231,8 +267,7 @@ class ASSM(nn.Module):
         logits = self.route(x)
         if routing == "gumbel":
             # F.gumbel_softmax(hard=True): gumbels = -log(Exp(1)), index = argmax(softmax(logits + gumbels))
-            noise = torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_().log_()
-            route = (logits - noise).argmax(-1)
+            route = (logits - _standard_exponential_like(logits).log_()).argmax(-1)
         else:
             route = logits.argmax(-1)
         prompt = F.embedding(route, prompts)  # (b, n, d_state)

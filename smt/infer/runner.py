@@ -219,8 +219,10 @@ def run_inference(infer_cfg: InferConfig, train_cfg: TrainConfig, data_cfg: Data
                     best.parent.mkdir(parents=True, exist_ok=True)
                     np.save(best, bests[m].astype(np.float32))
             if split in fits:
-                fits[split].add(pos, *bests.values(), read_image(Path(data_cfg.root) / row.hr_path))
-    fusion = _fit_and_fuse(infer_cfg, data_cfg, splits, fits, scratch, results_dir, timings, rank, world, log)
+                fits[split].add(pos, *(bests[m] for m in infer_cfg.models),
+                                read_image(Path(data_cfg.root) / row.hr_path))
+    fusion = (_fit_and_fuse(infer_cfg, data_cfg, splits, fits, scratch, results_dir, timings, rank, world, log)
+              if fusing else None)
     scratch.mkdir(parents=True, exist_ok=True)
     (scratch / f"timings.rank{rank}.json").write_text(json.dumps(timings))
     barrier()
@@ -251,12 +253,10 @@ def _read_results(results_dir: Path, timings_path: str | Path | None = None) -> 
 
 
 def _fit_and_fuse(infer_cfg: InferConfig, data_cfg: DataConfig, splits: dict, fits: dict[str, ShardedFit],
-                  scratch: Path, results_dir: Path, timings: dict, rank: int, world: int, log) -> dict | None:
-    """The fusion weight fit on validation (every rank gets it: one all-reduce per split), then this rank's
-    share of the fused images (timed into ``timings``). Returns the content of ``fusion.json`` (None with
-    fewer than two models)."""
-    if len(infer_cfg.models) != 2:
-        return None
+                  scratch: Path, results_dir: Path, timings: dict, rank: int, world: int, log) -> dict:
+    """The fusion weight of the two models fit on validation (every rank gets it: one all-reduce per split),
+    then this rank's share of the fused images (timed into ``timings``). Returns the content of
+    ``fusion.json``."""
     a_name, b_name = infer_cfg.models
     curves = {s: (fits[s].fit() if s in fits else None) for s in splits}  # the same order of collectives on all
     fit = curves["valid"]

@@ -40,7 +40,7 @@ __all__ = ["SRHeads", "AuxHead", "window_partition", "window_reverse", "relative
            "overlap_relative_position_index", "shifted_window_mask", "shift_region_masks", "relative_position_bias",
            "RelativeBiasCache", "attend_windows", "WindowOrder", "window_order", "windows_gather",
            "windows_scatter", "attend_window_groups", "attend_ordered_windows", "FastLinear", "padded_linear",
-           "gemm_row_multiple", "Upsample", "Mlp", "DropPath", "pad_to_multiple", "pad_reflect_any", "RGB_MEAN"]
+           "gemm_row_multiple", "inference_fast_path", "Upsample", "Mlp", "DropPath", "pad_to_multiple", "pad_reflect_any", "RGB_MEAN"]
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean, subtracted by both official models when in_chans == 3
 
@@ -226,6 +226,12 @@ def attend_window_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     for start, end, r, c in groups:
         result[start:end] = attend(q[start:end], k[start:end], v[start:end], masked_bias[r, c], scale, impl)
     return result
+
+
+def inference_fast_path(module: nn.Module) -> bool:
+    """Whether ``module`` takes its inference fast path: eval mode, autograd off, and the fast paths on (not
+    inside :func:`smt.kernels.attention.reference_paths`)."""
+    return not (module.training or torch.is_grad_enabled()) and fast_paths_enabled()
 
 
 CPU_HEAD_MULTIPLE = 16  # attend_ordered_windows zero-pads CPU head dims to a multiple of this (1: off)

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from einops import rearrange
 
-from smt.kernels.attention import AttentionImpl, fast_paths_enabled, window_attention
+from smt.kernels.attention import AttentionImpl, window_attention
 from smt.models.common import (DropPath, FastLinear, Mlp, RelativeBiasCache, SRHeads, WindowOrder,
-                               attend_ordered_windows, attend_windows, overlap_relative_position_index,
-                               pad_to_multiple, relative_position_index, window_order, window_partition,
-                               window_reverse, windows_gather, windows_scatter)
+                               attend_ordered_windows, attend_windows, inference_fast_path,
+                               overlap_relative_position_index, pad_to_multiple, relative_position_index,
+                               window_order, window_partition, window_reverse, windows_gather, windows_scatter)
 
 __all__ = ["HAT"]
 
@@ -122,7 +122,7 @@ class HAB(nn.Module):
         x = self.norm1(x)
         conv_x = rearrange(self.conv_block(rearrange(x, "b (h w) c -> b c h w", h=h)), "b c h w -> b (h w) c")
         s, ws = self.shift_size, self.window_size
-        if not (self.training or torch.is_grad_enabled()) and fast_paths_enabled():
+        if inference_fast_path(self):
             # inference: roll + partition as one row gather, reverse + roll back as one scatter
             order = window_order(x.shape[0], h, w, ws, s, x.device)
             attn = self.attn.forward_ordered(windows_gather(x, order, ws), rpi, order, s, impl)

@@ -33,12 +33,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from einops import rearrange
 
-from smt.kernels.attention import AttentionImpl, fast_paths_enabled, window_attention
+from smt.kernels.attention import AttentionImpl, window_attention
 from smt.kernels.selective_scan import ScanImpl, selective_scan
 from smt.models.common import (FastLinear, RelativeBiasCache, SRHeads, WindowOrder,
-                               attend_ordered_windows, attend_windows, pad_to_multiple, padded_linear,
-                               relative_position_index, window_order, window_partition, window_reverse,
-                               windows_gather, windows_scatter)
+                               attend_ordered_windows, attend_windows, inference_fast_path, pad_to_multiple,
+                               padded_linear, relative_position_index, window_order, window_partition,
+                               window_reverse, windows_gather, windows_scatter)
 from smt.models.hat import _init_weights, _PatchEmbed
 
 __all__ = ["MambaIRv2", "MambaIRv2Light", "UPSAMPLERS"]
@@ -227,7 +227,7 @@ class ASSM(nn.Module):
 
     def forward(self, x: torch.Tensor, x_size: tuple[int, int], token: nn.Embedding, routing: Routing,
                 scan_impl: ScanImpl) -> torch.Tensor:
-        if not (self.training or torch.is_grad_enabled()) and fast_paths_enabled():
+        if inference_fast_path(self):
             return self._forward_fast(x, x_size, token, routing, scan_impl)
         b, n, _ = x.shape
         prompts = self.embeddingB.weight @ token.weight  # (num_tokens, d_state)
@@ -314,7 +314,7 @@ class AttentiveLayer(nn.Module):
         h, w = x_size
         s, ws = self.shift_size, self.window_size
         shortcut = x
-        if not (self.training or torch.is_grad_enabled()) and fast_paths_enabled():
+        if inference_fast_path(self):
             # inference: roll + partition as one row gather, reverse + roll back as one scatter
             order = window_order(x.shape[0], h, w, ws, s, x.device)
             qkv = windows_gather(self.wqkv(self.norm1(x)), order, ws)

@@ -168,12 +168,15 @@ def test_triton_kernel_tests_run_and_pass_under_the_interpreter(tmp_path):
 
 @pytest.mark.skipif(not HAS_CPU_KERNEL, reason="no C compiler")
 @pytest.mark.parametrize("batch,dim,nstate,length,bc", [
-    (1, 5, 3, 1, "bgnl1"), (2, 13, 8, 37, "bnl"), (3, 16, 16, 129, "bgnl2"), (1, 24, 4, 200, "dn")])
+    (1, 5, 3, 1, "bgnl1"), (2, 13, 8, 37, "bnl"), (3, 16, 16, 129, "bgnl2"), (1, 24, 4, 200, "dn"),
+    # past the kernel's 256-step chunks: N = 16 and 8 (the unrolled variants), a part-filled last block, and
+    # 2 groups of 20 channels (blocks that straddle groups, gathered, beside blocks that do not)
+    (1, 40, 16, 600, "bgnl1"), (2, 37, 8, 300, "bnl"), (2, 40, 16, 520, "bgnl2")])
 @pytest.mark.parametrize("with_z", [True, False])
 def test_fused_inference_forward_matches_reference(batch, dim, nstate, length, bc, with_z):
     """Without autograd, float32 runs the fused C pass (bias + softplus, scan, D skip, z gate in one loop, B/C
-    read in place); it must equal the reference, also for channel-last views and strongly negative/positive
-    delta (both softplus branches)."""
+    read in place, channel blocks advanced together in chunks of steps); it must equal the reference, also for
+    channel-last views and strongly negative/positive delta (both softplus branches)."""
     ins = _inputs(batch, dim, nstate, length, bc, dtype=torch.float64)
     ins["delta"] = ins["delta"] * 12  # reaches past the softplus threshold of 20 and deep into its tail
     if not with_z:
@@ -183,8 +186,11 @@ def test_fused_inference_forward_matches_reference(batch, dim, nstate, length, b
     f32["u"] = f32["u"].transpose(1, 2).contiguous().transpose(1, 2)  # a channel-last view, as MambaIRv2 passes
     with torch.no_grad():
         out, last = selective_scan_cpu(**f32, delta_softplus=True, return_last_state=True)
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(last.double(), ref_last, rtol=1e-5, atol=1e-5)
+    # float32 rounding grows with the steps: PyTorch's own float32 reference is 1.4e-5 off at 600 (a lost or
+    # misplaced state between chunks is off by O(1))
+    tol = 1e-5 if length <= 256 else 5e-5
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(last.double(), ref_last, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("arch", [80, 90])

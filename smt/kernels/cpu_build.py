@@ -81,6 +81,7 @@ def load_library() -> ctypes.CDLL | None:
             getattr(lib, f"scan_bwd_{suffix}").argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_long] * 10
         lib.scan_fwd_fused_f32.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 7
                                            + [ctypes.c_long] * 21)
+        lib.scan_fwd_fused_f32.restype = ctypes.c_int
         lib.scan_max_state.restype = ctypes.c_int
         lib.scan_block_width.restype = ctypes.c_int
         _lib = lib

@@ -86,8 +86,9 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 _POOL: ThreadPoolExecutor | None = None
 
 
-def _run_jobs(fn, njobs: int, nthreads: int) -> None:
-    """Run ``fn(begin, end)`` over ``[0, njobs)`` split into ``nthreads`` contiguous ranges, in parallel.
+def _run_jobs(fn, njobs: int, nthreads: int) -> list:
+    """Run ``fn(begin, end)`` over ``[0, njobs)`` split into ``nthreads`` contiguous ranges, in parallel; returns
+    the calls' results in range order.
 
     The C kernel releases the GIL (ctypes), so Python threads run it truly in parallel; the ranges are fixed
     by (njobs, nthreads), which keeps results bit-identical from run to run.
@@ -96,12 +97,10 @@ def _run_jobs(fn, njobs: int, nthreads: int) -> None:
     bounds = [njobs * i // nthreads for i in range(nthreads + 1)]
     ranges = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     if len(ranges) == 1:
-        fn(*ranges[0])
-        return
+        return [fn(*ranges[0])]
     if _POOL is None or _POOL._max_workers < len(ranges):
         _POOL = ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="smt-scan")
-    for f in [_POOL.submit(fn, a, b) for a, b in ranges]:
-        f.result()
+    return [f.result() for f in [_POOL.submit(fn, a, b) for a, b in ranges]]
 
 
 def _cpu_jobs(lib, batch: int, dim: int) -> int:
@@ -184,8 +183,11 @@ def _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
             Cg.data_ptr(), ptr(Dv), ptr(z), y.data_ptr(), last.data_ptr(), batch, dim, A.shape[1], length,
             Bg.shape[1], u.stride(0), u.stride(2), u.stride(1), y.stride(0), y.stride(2), y.stride(1),
             *Bg.stride(), *Cg.stride())
-    _run_jobs(lambda a, b: lib.scan_fwd_fused_f32(*args, a, b), _cpu_jobs(lib, batch, dim),
-              max(1, torch.get_num_threads()))
+    codes = _run_jobs(lambda a, b: lib.scan_fwd_fused_f32(*args, a, b), _cpu_jobs(lib, batch, dim),
+                      max(1, torch.get_num_threads()))
+    if any(codes):
+        raise MemoryError(f"selective scan: the C kernel could not allocate its per-block state "
+                          f"(batch {batch}, {dim} channels, state size {A.shape[1]})")
     return y, last
 
 

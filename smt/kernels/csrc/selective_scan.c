@@ -269,63 +269,128 @@ static inline void vstore_strided(float *p, long stride, vw v, long nw) {
     for (long j = 0; j < nw; ++j) p[j * stride] = t[j];
 }
 
+/* One job (channel block) of scan_fwd_fused_f32: where it reads and writes, its constants, and its state
+ * between chunks of steps. */
+typedef struct {
+    vw a[MAXN], h[MAXN], bias, dskip;
+    const float *u, *delta, *z, *B, *C;  /* at step 0 of this block (B, C: lane 0's group when shared) */
+    float *y;
+    long nw, boff[W], coff[W];           /* lanes' B/C offsets from B and C when not shared */
+    int shared;                          /* all lanes read one B/C group: B[n], C[n] are broadcast scalars */
+} fused_job;
+
+enum { FUSED_CHUNK = 256, FUSED_PREFETCH = 4 };  /* steps per chunk; rows prefetched ahead (measured) */
+
+/* Steps [l0, l1) of one job. Always inlined, so that with a constant N (the wrappers below) the n loop is
+ * unrolled and the state h stays in registers within the chunk. */
+static inline __attribute__((always_inline)) void fused_steps(
+        fused_job *jb, const float *B, const float *C, long N, int softplus, long l0, long l1, long L, long sl,
+        long sd, long yl, long yd, long bn, long bl, long cn, long cl) {
+    vw h[MAXN];
+    long nw = jb->nw;
+    for (long n = 0; n < N; ++n) h[n] = jb->h[n];
+    for (long l = l0; l < l1; ++l) {
+        if (l + FUSED_PREFETCH < L) {  /* rows l + FUSED_PREFETCH: their cache lines are on their way */
+            __builtin_prefetch(jb->u + (l + FUSED_PREFETCH) * sl);
+            __builtin_prefetch(jb->delta + (l + FUSED_PREFETCH) * sl);
+            __builtin_prefetch(jb->y + (l + FUSED_PREFETCH) * yl, 1);
+        }
+        vw uv = vload(jb->u + l * sl, sd, nw), dtv = vload(jb->delta + l * sl, sd, nw) + jb->bias, acc = {0};
+        if (softplus) dtv = vsoftplus(dtv);
+        vw xv = dtv * uv;
+        if (jb->shared) {
+            const float *Bl = jb->B + l * bl, *Cl = jb->C + l * cl;
+#pragma GCC unroll 16
+            for (long n = 0; n < N; ++n) {
+                h[n] = vexp(dtv * jb->a[n]) * h[n] + xv * Bl[n * bn];
+                acc += Cl[n * cn] * h[n];
+            }
+        } else {
+            for (long n = 0; n < N; ++n) {
+                h[n] = vexp(dtv * jb->a[n]) * h[n] + xv * vgather(B, jb->boff, n * bn + l * bl);
+                acc += vgather(C, jb->coff, n * cn + l * cl) * h[n];
+            }
+        }
+        acc += jb->dskip * uv;
+        if (jb->z) {
+            vw zv = vload(jb->z + l * sl, sd, nw);
+            acc *= zv / (1.0f + vexp(0.0f - zv));
+        }
+        vstore_strided(jb->y + l * yl, yd, acc, nw);
+    }
+    for (long n = 0; n < N; ++n) jb->h[n] = h[n];
+}
+
+#define FUSED_STEPS_ARGS fused_job *jb, const float *B, const float *C, long N, int softplus, long l0, long l1, \
+    long L, long sl, long sd, long yl, long yd, long bn, long bl, long cn, long cl
+static void fused_steps_n16(FUSED_STEPS_ARGS) { fused_steps(jb, B, C, 16, softplus, l0, l1, L, sl, sd, yl, yd, bn, bl, cn, cl); }
+static void fused_steps_n8(FUSED_STEPS_ARGS) { fused_steps(jb, B, C, 8, softplus, l0, l1, L, sl, sd, yl, yd, bn, bl, cn, cl); }
+static void fused_steps_any(FUSED_STEPS_ARGS) { fused_steps(jb, B, C, N, softplus, l0, l1, L, sl, sd, yl, yd, bn, bl, cn, cl); }
+
 /* Inference forward with everything element-wise fused:
  *   dt = softplus(delta + bias) (each optional);  y = (scan(u, dt) + Dskip * u) * silu(z)  (each optional).
  * u, delta, z share strides (sb, sl, sd); y has its own (yb, yl, yd): both may be mamba's (batch, D, L).
  * B and C are read in place as (batch, G, N, L) through strides (bb, bg, bn, bl) and (cb, cg, cn, cl): a
  * time-invariant (D, N) matrix is G = D with zero batch and length strides, so nothing is expanded or copied.
- * bias, Dskip, z may be NULL. */
-void scan_fwd_fused_f32(const float *u, const float *delta, const float *bias, int softplus, const float *A,
-                        const float *B, const float *C, const float *Dskip, const float *z, float *y, float *last,
-                        long batch, long D, long N, long L, long G, long sb, long sl, long sd,
-                        long yb, long yl, long yd, long bb, long bg, long bn, long bl,
-                        long cb, long cg, long cn, long cl, long job_begin, long job_end) {
-    for (long job = job_begin; job < job_end; ++job) {
-        long b, d0, nw, boff[W], coff[W];
-        int shared = 1;
-        job_block(job, D, &b, &d0, &nw);
+ * bias, Dskip, z may be NULL.
+ *
+ * The jobs of the range advance together, FUSED_CHUNK steps at a time, each carrying its state from chunk
+ * to chunk: a chunk's rows of u, delta and y (whole cache lines shared by neighbouring channel blocks) then
+ * come from memory once for all the range's blocks, where one block at a time over all of L streamed every
+ * row's lines from memory again for each block (channel-last rows are D floats apart). A job's arithmetic
+ * does not depend on the chunking or on the other jobs. Returns -1, having written nothing, if the jobs'
+ * state cannot be allocated; else 0. */
+int scan_fwd_fused_f32(const float *u, const float *delta, const float *bias, int softplus, const float *A,
+                       const float *B, const float *C, const float *Dskip, const float *z, float *y, float *last,
+                       long batch, long D, long N, long L, long G, long sb, long sl, long sd,
+                       long yb, long yl, long yd, long bb, long bg, long bn, long bl,
+                       long cb, long cg, long cn, long cl, long job_begin, long job_end) {
+    long njob = job_end - job_begin;
+    if (njob <= 0) return 0;
+    fused_job *jobs = aligned_alloc(sizeof(vw), sizeof(fused_job) * (size_t)njob);
+    if (!jobs) return -1;
+    for (long i = 0; i < njob; ++i) {
+        fused_job *jb = &jobs[i];
+        long b, d0, nw;
+        job_block(job_begin + i, D, &b, &d0, &nw);
+        jb->shared = 1;
         for (long j = 0; j < W; ++j) {
             long g = (d0 + (j < nw ? j : 0)) / (D / G);
-            boff[j] = b * bb + g * bg;
-            coff[j] = b * cb + g * cg;
-            shared &= boff[j] == boff[0] && coff[j] == coff[0];
+            jb->boff[j] = b * bb + g * bg;
+            jb->coff[j] = b * cb + g * cg;
+            jb->shared &= jb->boff[j] == jb->boff[0] && jb->coff[j] == jb->coff[0];
         }
-        vw a[MAXN], h[MAXN];
-        vw biasv = bias ? vload(bias + d0, 1, nw) : (vw){0};
-        vw dv = Dskip ? vload(Dskip + d0, 1, nw) : (vw){0};
-        load_a(A, d0, nw, N, a);
-        for (long n = 0; n < N; ++n) h[n] = (vw){0};
-        for (long l = 0; l < L; ++l) {
-            long soff = b * sb + l * sl + d0 * sd;
-            vw uv = vload(u + soff, sd, nw), dtv = vload(delta + soff, sd, nw) + biasv, acc = {0};
-            if (softplus) dtv = vsoftplus(dtv);
-            vw xv = dtv * uv;
-            if (shared) {
-                const float *Bl = B + boff[0] + l * bl, *Cl = C + coff[0] + l * cl;
-                for (long n = 0; n < N; ++n) {
-                    h[n] = vexp(dtv * a[n]) * h[n] + xv * Bl[n * bn];
-                    acc += Cl[n * cn] * h[n];
-                }
-            } else {
-                for (long n = 0; n < N; ++n) {
-                    h[n] = vexp(dtv * a[n]) * h[n] + xv * vgather(B, boff, n * bn + l * bl);
-                    acc += vgather(C, coff, n * cn + l * cl) * h[n];
-                }
-            }
-            acc += dv * uv;
-            if (z) {
-                vw zv = vload(z + soff, sd, nw);
-                acc *= zv / (1.0f + vexp(0.0f - zv));
-            }
-            vstore_strided(y + b * yb + l * yl + d0 * yd, yd, acc, nw);
-        }
-        if (last)
+        long soff = b * sb + d0 * sd;
+        jb->u = u + soff;
+        jb->delta = delta + soff;
+        jb->z = z ? z + soff : NULL;
+        jb->y = y + b * yb + d0 * yd;
+        jb->B = B + jb->boff[0];
+        jb->C = C + jb->coff[0];
+        jb->nw = nw;
+        jb->bias = bias ? vload(bias + d0, 1, nw) : (vw){0};
+        jb->dskip = Dskip ? vload(Dskip + d0, 1, nw) : (vw){0};
+        load_a(A, d0, nw, N, jb->a);
+        for (long n = 0; n < N; ++n) jb->h[n] = (vw){0};
+    }
+    void (*steps)(FUSED_STEPS_ARGS) = N == 16 ? fused_steps_n16 : N == 8 ? fused_steps_n8 : fused_steps_any;
+    for (long l0 = 0; l0 < L; l0 += FUSED_CHUNK) {
+        long l1 = l0 + FUSED_CHUNK < L ? l0 + FUSED_CHUNK : L;
+        for (long i = 0; i < njob; ++i)
+            steps(&jobs[i], B, C, N, softplus, l0, l1, L, sl, sd, yl, yd, bn, bl, cn, cl);
+    }
+    if (last)
+        for (long i = 0; i < njob; ++i) {
+            long b, d0, nw;
+            job_block(job_begin + i, D, &b, &d0, &nw);
             for (long n = 0; n < N; ++n) {
                 float t[W];
-                __builtin_memcpy(t, &h[n], sizeof t);
+                __builtin_memcpy(t, &jobs[i].h[n], sizeof t);
                 for (long j = 0; j < nw; ++j) last[(b * D + d0 + j) * N + n] = t[j];
             }
-    }
+        }
+    free(jobs);
+    return 0;
 }
 
 /* u, dt as in the forward (strided); dy, du, ddt: contiguous (batch, L, D). */

@@ -8,11 +8,12 @@ Each case times the inference fast paths ("after") and, alternately in the same 
 (``smt.kernels.attention.reference_paths``: the code before issue 17's changes, "before"), so the speed-up is
 a same-process ratio under the same load. GFLOP/s and the matmul fraction are for the fast paths.
 
-For each case: the forward's median time, its FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``
-on the reference paths (matmuls and convolutions, not the fast paths' zero-padded GEMM rows; attention only
-where it runs as matmuls: the counter has no formula for PyTorch's CPU flash-attention kernel; elementwise work
-and MambaIRv2's selective scan, a C extension, are invisible to it: the figure is a lower bound), the
-effective GFLOP/s, and that as a fraction of a 2048x2048 matmul's GFLOP/s ("matmul": fp32, or bf16 for the
+For each case: the forward's median time, its FLOPs (:func:`model_flops`: matmuls, convolutions and the
+window attention's two matmuls counted by ``torch.utils.flop_counter.FlopCounterMode`` on the reference paths
+with the attention run as plain matmuls, since the counter has no formula for PyTorch's CPU flash-attention
+kernel; not the fast paths' zero-padded GEMM rows; MambaIRv2's selective scan, a C extension the counter cannot
+see, by mamba's convention, 9 FLOPs per state update plus 1 per output for the D skip; other elementwise work
+is not counted: the figure is a lower bound), the effective GFLOP/s, and that as a fraction of a 2048x2048 matmul's GFLOP/s ("matmul": fp32, or bf16 for the
 bf16 precisions) timed in the case's own process just before each timed forward and after the last (median),
 so a machine whose load changes during the run (shared cores) is compared with its speed at that moment. The
 matmul line at the top is the same measurement once per invocation (bf16 when the CPU has native bf16 units,
@@ -49,11 +50,42 @@ def _one_matmul_gflops(a, b) -> float:
     return 2 * a.shape[0] ** 3 / (time.perf_counter() - t) / 1e9
 
 
+def model_flops(net, x) -> int:
+    """FLOPs of ``net(x)`` (an SR model of :mod:`smt.models`): see the module docstring. The window attention
+    is counted as the matmuls it is (``attn_impl="reference"`` for the count), 2 n m d per window and head for
+    each of q k^T and attn v, as for the official models' FLOP figures; the selective scan as
+    ``9 B L D N + B L D`` (mamba's ``flops_selective_scan_fn``: state-spaces/mamba issue 110)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from smt.kernels.attention import reference_paths
+    from smt.models.mambairv2 import Selective_Scan
+
+    scan = []
+
+    def count_scan(module, args):
+        b, length, d = args[0].shape
+        scan.append(9 * b * length * d * module.d_state + b * length * d)
+
+    hooks = [m.register_forward_pre_hook(count_scan) for m in net.modules() if isinstance(m, Selective_Scan)]
+    impl = getattr(net, "attn_impl", None)
+    try:
+        if impl is not None:
+            net.attn_impl = "reference"
+        with torch.no_grad(), FlopCounterMode(display=False) as counter, reference_paths():
+            net(x)
+    finally:
+        if impl is not None:
+            net.attn_impl = impl
+        for h in hooks:
+            h.remove()
+    return counter.get_total_flops() + sum(scan)
+
+
 def run_case(model: str, size: int, precision: str, repeats: int, with_reference: bool) -> dict:
     """Times the fast paths and (``with_reference``) the reference paths alternately in this process, so both
     see the same machine load; peak RSS is taken after the fast path's warm-up, before any reference run."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from smt.infer.precision import with_precision
     from smt.kernels.attention import reference_paths
@@ -81,9 +113,7 @@ def run_case(model: str, size: int, precision: str, repeats: int, with_reference
         peak = rss_mb() - base
         # the model's FLOPs, counted on the reference paths (the fast paths' padded GEMMs do a few more), after
         # the peak is read (the reference paths may need more memory)
-        with FlopCounterMode(display=False) as counter, reference_paths():
-            net(x)
-        flops = counter.get_total_flops()
+        flops = model_flops(net, x)
         fast, ref, matmul = [], [], []
         _one_matmul_gflops(ma, mb)  # warm-up
         for _ in range(repeats):

@@ -12,7 +12,7 @@ import torch
 
 from smt.kernels.attention import reference_paths
 from smt.models import HAT, MambaIRv2
-from smt.models.common import FastLinear, gemm_row_multiple, padded_linear
+from smt.models.common import CPU_HEAD_MULTIPLE, FastLinear, gemm_row_multiple, head_padded_qkv, padded_linear
 from smt.models.mambairv2 import ASSM, _exponential_from_bits, _standard_exponential_like
 
 
@@ -185,6 +185,23 @@ def test_padded_linear_equals_linear_and_follows_weight_changes():
         got = padded_linear(x, conv.weight, conv.bias)
         ref = conv(x.transpose(1, 2).reshape(2, 10, 7, 1)).reshape(2, 5, 7).transpose(1, 2)
     assert _rel_err(got, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_head_padded_qkv_puts_each_head_s_columns_first_and_zeros_after(bias):
+    """3 x 3 heads of 9 channels: every head padded to CPU_HEAD_MULTIPLE columns, its first 9 the head's
+    columns of ``qkv(x)``, the rest exactly zero (they add nothing to q . k and give zero output columns)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(12, 81, bias=bias)
+    x = torch.randn(2, 5, 12)
+    with torch.no_grad():
+        got, d = head_padded_qkv(x, lin, num_heads=3)
+        ref = lin(x)
+    dp = d + (-d % CPU_HEAD_MULTIPLE)
+    assert d == 9 and got.shape == (2, 5, 9 * dp)
+    heads = got.view(2, 5, 9, dp)
+    torch.testing.assert_close(heads[..., :d], ref.view(2, 5, 9, d), rtol=1e-6, atol=1e-6)
+    assert torch.count_nonzero(heads[..., d:]) == 0
 
 
 def test_fast_linear_state_dict_is_nn_linear_s():

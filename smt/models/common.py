@@ -39,7 +39,7 @@ from smt.kernels.attention import fast_paths_enabled
 __all__ = ["SRHeads", "AuxHead", "window_partition", "window_reverse", "relative_position_index",
            "overlap_relative_position_index", "shifted_window_mask", "shift_region_masks", "relative_position_bias",
            "RelativeBiasCache", "attend_windows", "WindowOrder", "window_order", "windows_gather",
-           "windows_scatter", "attend_window_groups", "attend_ordered_windows", "FastLinear", "padded_linear",
+           "windows_scatter", "attend_window_groups", "attend_ordered_windows", "head_padded_qkv", "FastLinear", "padded_linear",
            "gemm_row_multiple", "inference_fast_path", "Upsample", "Mlp", "DropPath", "pad_to_multiple", "pad_reflect_any", "RGB_MEAN"]
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean, subtracted by both official models when in_chans == 3
@@ -234,27 +234,38 @@ def inference_fast_path(module: nn.Module) -> bool:
     return not (module.training or torch.is_grad_enabled()) and fast_paths_enabled()
 
 
-CPU_HEAD_MULTIPLE = 16  # attend_ordered_windows zero-pads CPU head dims to a multiple of this (1: off)
+CPU_HEAD_MULTIPLE = 16  # head_padded_qkv zero-pads CPU head dims to a multiple of this (1: off)
 
 
-def attend_ordered_windows(qkv: torch.Tensor, num_heads: int, scale: float, bias: torch.Tensor, impl: str,
-                           attend: AttendFn, order: WindowOrder, ws: int, shift: int,
-                           proj: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """The window-attention inference fast path shared by HAT and MambaIRv2: ``qkv`` (B * windows, n, 3C)
-    windows in :func:`window_order` split into heads, attended by :func:`attend_window_groups` with the
-    (1, heads, n, n) relative-position ``bias``, heads merged and ``proj`` applied: (B * windows, n, C).
-
-    On the CPU each head is zero-padded to a multiple of :data:`CPU_HEAD_MULTIPLE` in one copy of ``qkv``
+def head_padded_qkv(x: torch.Tensor, qkv: nn.Linear, num_heads: int) -> tuple[torch.Tensor, int]:
+    """``qkv(x)`` (``(..., 3 * num_heads * d)``, q, k, v each split in heads of width d) and d, with each head
+    zero-padded on the CPU to a multiple of :data:`CPU_HEAD_MULTIPLE` for :func:`attend_ordered_windows`
     (HAT-L's and MambaIRv2-L's heads are 30 and 29 wide): PyTorch's CPU flash attention ran (16, 6, 256, 32)
-    10% (fp32) to 17% (bf16) faster than (16, 6, 256, 30), the copy included. Zero columns add nothing to
-    q . k, and the output's padded columns (zero) are cut off; ``scale`` is given, not derived from the width."""
-    d = qkv.shape[-1] // (3 * num_heads)
-    pad = -d % CPU_HEAD_MULTIPLE if qkv.device.type == "cpu" else 0
-    if pad:
-        qkv = F.pad(qkv.unflatten(-1, (3, num_heads, d)), (0, pad)).flatten(-3)
+    10% (fp32) to 17% (bf16) faster than (16, 6, 256, 30). The padding is put into a per-call copy of the
+    weight's rows and the bias (zero rows, zero bias), so the GEMM writes the padded layout itself: each
+    output column is the same dot product as in ``qkv(x)``, with no copy of the activations."""
+    d = qkv.weight.shape[0] // (3 * num_heads)
+    pad = -d % CPU_HEAD_MULTIPLE if x.device.type == "cpu" else 0
+    if not pad:
+        return qkv(x), d
+    w = F.pad(qkv.weight.detach().view(3 * num_heads, d, -1), (0, 0, 0, pad)).flatten(0, 1)
+    b = None if qkv.bias is None else F.pad(qkv.bias.detach().view(3 * num_heads, d), (0, pad)).flatten()
+    return F.linear(x, w, b), d
+
+
+def attend_ordered_windows(qkv: torch.Tensor, num_heads: int, head_dim: int, scale: float, bias: torch.Tensor,
+                           impl: str, attend: AttendFn, order: WindowOrder, ws: int, shift: int,
+                           proj: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The window-attention inference fast path shared by HAT and MambaIRv2: ``qkv`` (B * windows, n, 3 H D)
+    windows in :func:`window_order`, each head ``head_dim`` wide or zero-padded to D (:func:`head_padded_qkv`;
+    zero columns add nothing to q . k, and the output's padded columns, zero, are cut off; ``scale`` is given,
+    not derived from the width), split into heads, attended by :func:`attend_window_groups` with the (1, heads,
+    n, n) relative-position ``bias``, heads merged and ``proj`` applied: (B * windows, n, C)."""
     q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=num_heads)
     out = attend_window_groups(q, k, v, bias, scale, impl, attend, order, ws, shift)
-    return proj(rearrange(out[..., :d] if pad else out, "b h n d -> b n (h d)"))
+    if out.shape[-1] != head_dim:
+        out = out[..., :head_dim]
+    return proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
 @functools.lru_cache(maxsize=1)

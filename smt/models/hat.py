@@ -25,7 +25,7 @@ from einops import rearrange
 
 from smt.kernels.attention import AttentionImpl, window_attention
 from smt.models.common import (DropPath, FastLinear, Mlp, RelativeBiasCache, SRHeads, WindowOrder,
-                               attend_ordered_windows, attend_windows, inference_fast_path,
+                               attend_ordered_windows, attend_windows, head_padded_qkv, inference_fast_path,
                                overlap_relative_position_index, pad_to_multiple, relative_position_index,
                                window_order, window_partition, window_reverse, windows_gather, windows_scatter)
 
@@ -89,8 +89,9 @@ class WindowAttention(nn.Module):
         """Inference fast path of :meth:`forward`: windows ``x`` in :func:`window_order` (mask groups as
         contiguous slices)."""
         bias = self._bias_cache.get(self, self.relative_position_bias_table, rpi, x.shape[1])
-        return attend_ordered_windows(self.qkv(x), self.num_heads, self.scale, bias, impl, window_attention,
-                                      order, self.window_size, shift, self.proj)
+        qkv, d = head_padded_qkv(x, self.qkv, self.num_heads)
+        return attend_ordered_windows(qkv, self.num_heads, d, self.scale, bias, impl, window_attention, order,
+                                      self.window_size, shift, self.proj)
 
     def _attend_with_dropout(self, q, k, v, bias, scale, impl) -> torch.Tensor:
         attn = (q * scale) @ k.transpose(-2, -1) + bias

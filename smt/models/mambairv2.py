@@ -36,9 +36,9 @@ from einops import rearrange
 from smt.kernels.attention import AttentionImpl, window_attention
 from smt.kernels.selective_scan import ScanImpl, selective_scan
 from smt.models.common import (FastLinear, RelativeBiasCache, SRHeads, WindowOrder,
-                               attend_ordered_windows, attend_windows, inference_fast_path, pad_to_multiple,
-                               padded_linear, relative_position_index, window_order, window_partition,
-                               window_reverse, windows_gather, windows_scatter)
+                               attend_ordered_windows, attend_windows, head_padded_qkv, inference_fast_path,
+                               pad_to_multiple, padded_linear, relative_position_index, window_order,
+                               window_partition, window_reverse, windows_gather, windows_scatter)
 from smt.models.hat import _init_weights, _PatchEmbed
 
 __all__ = ["MambaIRv2", "MambaIRv2Light", "UPSAMPLERS"]
@@ -125,13 +125,13 @@ class WindowAttention(nn.Module):
         out = attend_windows(q, k, v, bias, self.scale, impl, window_attention, grid)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
-    def forward_ordered(self, qkv: torch.Tensor, rpi: torch.Tensor, order: WindowOrder, ws: int, shift: int,
-                        impl: AttentionImpl) -> torch.Tensor:
+    def forward_ordered(self, qkv: torch.Tensor, head_dim: int, rpi: torch.Tensor, order: WindowOrder, ws: int,
+                        shift: int, impl: AttentionImpl) -> torch.Tensor:
         """Inference fast path of :meth:`forward`: ``qkv`` windows in :func:`window_order` (mask groups as
-        contiguous slices)."""
+        contiguous slices), heads ``head_dim`` wide or zero-padded (:func:`head_padded_qkv`)."""
         bias = self._bias_cache.get(self, self.relative_position_bias_table, rpi, qkv.shape[1])
-        return attend_ordered_windows(qkv, self.num_heads, self.scale, bias, impl, window_attention, order, ws,
-                                      shift, self.proj)
+        return attend_ordered_windows(qkv, self.num_heads, head_dim, self.scale, bias, impl, window_attention,
+                                      order, ws, shift, self.proj)
 
 
 class Selective_Scan(nn.Module):  # noqa: N801 - official module name
@@ -317,8 +317,9 @@ class AttentiveLayer(nn.Module):
         if inference_fast_path(self):
             # inference: roll + partition as one row gather, reverse + roll back as one scatter
             order = window_order(x.shape[0], h, w, ws, s, x.device)
-            qkv = windows_gather(self.wqkv(self.norm1(x)), order, ws)
-            attn = self.win_mhsa.forward_ordered(qkv, params["rpi_sa"], order, ws, s, params["attn_impl"])
+            qkv, d = head_padded_qkv(self.norm1(x), self.wqkv, self.win_mhsa.num_heads)
+            attn = self.win_mhsa.forward_ordered(windows_gather(qkv, order, ws), d, params["rpi_sa"], order, ws, s,
+                                                 params["attn_impl"])
             return self._forward_tail(windows_scatter(attn, order, x.shape[0]) + shortcut, shortcut, x_size,
                                       params)
         qkv = rearrange(self.wqkv(self.norm1(x)), "b (h w) c -> b h w c", h=h)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from smt.kernels import selective_scan, selective_scan_ref, window_attention
-from smt.kernels.cpu_build import load_library
+from smt.kernels.cpu_build import load_library, openmp_fused_forward, openmp_status
 from smt.kernels.selective_scan import selective_scan_cpu
 from conftest import FIXTURES
 
@@ -191,6 +191,46 @@ def test_fused_inference_forward_matches_reference(batch, dim, nstate, length, b
     tol = 1e-5 if length <= 256 else 5e-5
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
     torch.testing.assert_close(last.double(), ref_last, rtol=tol, atol=tol)
+
+
+def test_openmp_scan_is_used_where_pytorch_runs_on_libgomp():
+    """PyTorch's Linux wheels run on their own libgomp: there the inference scan must run on that team (else
+    its Python threads compete with PyTorch's spinning workers: 1.8x slower in MambaIRv2-L)."""
+    import os
+
+    if not HAS_CPU_KERNEL or torch.__config__.parallel_info().find("OpenMP") < 0:
+        pytest.skip("no CPU kernel, or PyTorch is not built with OpenMP")
+    if os.environ.get("SMT_DISABLE_OPENMP_SCAN"):
+        pytest.skip("switched off by SMT_DISABLE_OPENMP_SCAN")
+    from smt.kernels.cpu_build import _libgomp_paths
+
+    if len(_libgomp_paths()) != 1:
+        pytest.skip(f"PyTorch does not run on exactly one libgomp here: {openmp_status()}")
+    assert openmp_fused_forward() is not None, openmp_status()
+    assert openmp_status().startswith("OpenMP on PyTorch's libgomp")
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="no C compiler")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_openmp_scan_equals_the_python_threads_bit_for_bit(monkeypatch, threads):
+    """The OpenMP driver runs the same job ranges as the Python threads: the same bits, for any thread count
+    (3 threads over 3 blocks of channels in 2 batches: ranges that split a batch)."""
+    if openmp_fused_forward() is None:
+        pytest.skip(openmp_status())
+    import importlib
+
+    ss = importlib.import_module("smt.kernels.selective_scan")  # the module (the package exports the function)
+    ins = {k: (v.float() if v is not None else None) for k, v in _inputs(2, 40, 16, 300, "bgnl2").items()}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            omp = selective_scan_cpu(**ins, delta_softplus=True, return_last_state=True)
+            monkeypatch.setattr(ss, "USE_OPENMP", False)
+            py = selective_scan_cpu(**ins, delta_softplus=True, return_last_state=True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(omp[0], py[0]) and torch.equal(omp[1], py[1])
 
 
 @pytest.mark.parametrize("arch", [80, 90])

@@ -18,10 +18,11 @@ import subprocess
 import threading
 import warnings
 from pathlib import Path
+from typing import Callable
 
 from smt.files import atomic_path
 
-__all__ = ["load_library", "SOURCE", "build_error"]
+__all__ = ["load_library", "SOURCE", "build_error", "openmp_fused_forward", "openmp_status"]
 
 SOURCE = Path(__file__).parent / "csrc" / "selective_scan.c"
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
@@ -29,6 +30,8 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
 _tried = False
+_omp_fn: Callable | None = None
+_omp_status = "not tried (the kernel library is not loaded)"
 
 
 def _cpu_key() -> str:
@@ -45,9 +48,9 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("SMT_CACHE_DIR", Path.home() / ".cache" / "smt"))
 
 
-def _build(target: Path, cc: str) -> None:
+def _build(target: Path, cc: str, flags: list[str]) -> None:
     with atomic_path(target) as tmp:  # atomic: concurrent builders never load a torn file
-        res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
+        res = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{cc} failed to build {SOURCE.name}:\n{res.stderr[-2000:]}")
 
@@ -66,12 +69,8 @@ def load_library() -> ctypes.CDLL | None:
         if shutil.which(cc) is None:
             _error = f"no C compiler ({cc!r} not found)"
             return None
-        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
-        target = _cache_dir() / f"selective_scan_{key}.so"
         try:
-            if not target.exists():
-                _build(target, cc)
-            lib = ctypes.CDLL(str(target))
+            lib = ctypes.CDLL(str(_built(cc, FLAGS)))
         except (OSError, RuntimeError) as exc:
             _error = str(exc)
             warnings.warn(f"smt: CPU selective-scan kernel unavailable, using the PyTorch fallback ({exc})")
@@ -85,7 +84,68 @@ def load_library() -> ctypes.CDLL | None:
         lib.scan_max_state.restype = ctypes.c_int
         lib.scan_block_width.restype = ctypes.c_int
         _lib = lib
+        _load_openmp(cc)
         return lib
+
+
+def _built(cc: str, flags: list[str]) -> Path:
+    """The library built from SOURCE with ``flags`` for this CPU (cached)."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_key().encode()).hexdigest()[:16]
+    target = _cache_dir() / f"selective_scan_{key}.so"
+    if not target.exists():
+        _build(target, cc, flags)
+    return target
+
+
+def _libgomp_paths() -> set[str]:
+    """The libgomp files mapped into this process (Linux; empty elsewhere or when none is loaded)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    return {line.split()[-1] for line in maps.splitlines() if "/libgomp" in line}
+
+
+def _load_openmp(cc: str) -> None:
+    """Loads the OpenMP build (``-fopenmp -DSMT_OPENMP``: ``scan_fwd_fused_f32_omp``) where PyTorch runs on
+    libgomp, so that the scan's threads are PyTorch's own team (see the C source). Only when exactly one
+    libgomp is in the process before and after loading: the build's ``libgomp.so.1`` must resolve to PyTorch's
+    copy, never a second OpenMP runtime. Otherwise (no libgomp, another runtime, a failed build) the scan
+    keeps its Python threads and :func:`openmp_status` says why."""
+    global _omp_fn, _omp_status
+    if os.environ.get("SMT_DISABLE_OPENMP_SCAN"):
+        _omp_status = "disabled by SMT_DISABLE_OPENMP_SCAN"
+        return
+    before = _libgomp_paths()
+    if len(before) != 1:
+        _omp_status = ("PyTorch does not run on libgomp here" if not before
+                       else f"several libgomp copies are loaded ({', '.join(sorted(before))})")
+        return
+    try:
+        lib = ctypes.CDLL(str(_built(cc, [*FLAGS, "-fopenmp", "-DSMT_OPENMP"])))
+    except (OSError, RuntimeError) as exc:
+        _omp_status = f"the OpenMP build failed ({str(exc)[:200]})"
+        return
+    after = _libgomp_paths()
+    if after != before:
+        _omp_status = f"the OpenMP build loaded another libgomp ({', '.join(sorted(after - before))}): not used"
+        return
+    fn = lib.scan_fwd_fused_f32_omp
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 7 + [ctypes.c_long] * 19 + [
+        ctypes.c_long, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    _omp_fn, _omp_status = fn, f"OpenMP on PyTorch's libgomp ({next(iter(before))})"
+
+
+def openmp_fused_forward() -> Callable | None:
+    """``scan_fwd_fused_f32_omp`` of the OpenMP build when it is usable here (after :func:`load_library`),
+    else ``None``."""
+    return _omp_fn
+
+
+def openmp_status() -> str:
+    """Whether the inference scan runs on PyTorch's OpenMP team, and if not why (after :func:`load_library`)."""
+    return _omp_status
 
 
 def build_error() -> str | None:

@@ -33,7 +33,7 @@ from typing import Callable, Literal
 import torch
 
 from smt.kernels.attention import fast_paths_enabled
-from smt.kernels.cpu_build import build_error, load_library
+from smt.kernels.cpu_build import build_error, load_library, openmp_fused_forward
 from smt.kernels.scan_common import (KernelScan, check_groups, compute_dtype, core_shape, grouped_bc,
                                      scan_epilogue, step_sizes)
 
@@ -84,6 +84,9 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 
 _POOL: ThreadPoolExecutor | None = None
+# the inference forward runs its job ranges on PyTorch's OpenMP team where the library's OpenMP build loads
+# (smt.kernels.cpu_build.openmp_status says whether and why not); False: always on Python threads (tests)
+USE_OPENMP = True
 
 
 def _run_jobs(fn, njobs: int, nthreads: int) -> list:
@@ -183,8 +186,12 @@ def _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
             Cg.data_ptr(), ptr(Dv), ptr(z), y.data_ptr(), last.data_ptr(), batch, dim, A.shape[1], length,
             Bg.shape[1], u.stride(0), u.stride(2), u.stride(1), y.stride(0), y.stride(2), y.stride(1),
             *Bg.stride(), *Cg.stride())
-    codes = _run_jobs(lambda a, b: lib.scan_fwd_fused_f32(*args, a, b), _cpu_jobs(lib, batch, dim),
-                      max(1, torch.get_num_threads()))
+    njobs, nthreads = _cpu_jobs(lib, batch, dim), max(1, torch.get_num_threads())
+    omp = openmp_fused_forward() if USE_OPENMP else None
+    if omp is not None:  # the same job ranges on PyTorch's own OpenMP team (see cpu_build)
+        codes = [omp(*args, njobs, min(nthreads, njobs))]
+    else:
+        codes = _run_jobs(lambda a, b: lib.scan_fwd_fused_f32(*args, a, b), njobs, nthreads)
     if any(codes):
         raise MemoryError(f"selective scan: the C kernel could not allocate its per-block state "
                           f"(batch {batch}, {dim} channels, state size {A.shape[1]})")

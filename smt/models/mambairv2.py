@@ -317,9 +317,9 @@ class AttentiveLayer(nn.Module):
         if inference_fast_path(self):
             # inference: roll + partition as one row gather, reverse + roll back as one scatter
             order = window_order(x.shape[0], h, w, ws, s, x.device)
-            qkv, d = head_padded_qkv(self.norm1(x), self.wqkv, self.win_mhsa.num_heads)
-            attn = self.win_mhsa.forward_ordered(windows_gather(qkv, order, ws), d, params["rpi_sa"], order, ws, s,
-                                                 params["attn_impl"])
+            # rows gathered before the (row-wise) norm and projection: 174 channels move, not 3 x 6 x 32
+            qkv, d = head_padded_qkv(self.norm1(windows_gather(x, order, ws)), self.wqkv, self.win_mhsa.num_heads)
+            attn = self.win_mhsa.forward_ordered(qkv, d, params["rpi_sa"], order, ws, s, params["attn_impl"])
             return self._forward_tail(windows_scatter(attn, order, x.shape[0]) + shortcut, shortcut, x_size,
                                       params)
         qkv = rearrange(self.wqkv(self.norm1(x)), "b (h w) c -> b h w c", h=h)

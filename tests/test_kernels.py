@@ -4,7 +4,7 @@ import torch
 
 from smt.kernels import selective_scan, selective_scan_ref, window_attention
 from smt.kernels.cpu_build import load_library, openmp_fused_forward, openmp_status
-from smt.kernels.selective_scan import selective_scan_cpu
+from smt.kernels.selective_scan import selective_scan_cpu, selective_scan_rows
 from conftest import FIXTURES
 
 SCAN_REF = torch.load(FIXTURES / "selective_scan_ref.pt", weights_only=True)
@@ -191,6 +191,37 @@ def test_fused_inference_forward_matches_reference(batch, dim, nstate, length, b
     tol = 1e-5 if length <= 256 else 5e-5
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
     torch.testing.assert_close(last.double(), ref_last, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="no C compiler")
+@pytest.mark.parametrize("batch,dim,nstate,length", [(2, 40, 16, 300), (1, 21, 8, 33), (1, 9, 5, 7)])
+def test_scan_over_rows_equals_gather_scan_scatter(batch, dim, nstate, length):
+    """selective_scan_rows: step l reads row rows[b, l] of u, delta, B (C in step order) and writes row
+    rows[b, l] of y; equal to the reference scan of the gathered inputs, scattered back."""
+    ins = _inputs(batch, dim, nstate, length, "bnl", dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    rows = torch.stack([torch.randperm(length, generator=g) for _ in range(batch)])
+    take = lambda t: torch.gather(t, 2, rows[:, None].expand_as(t))  # noqa: E731 - (b, *, L) along L
+    ref = selective_scan_ref(take(ins["u"]), take(ins["delta"]), ins["A"], take(ins["B"]), ins["C"], ins["D"],
+                             delta_bias=ins["delta_bias"], delta_softplus=True)
+    ref = torch.empty_like(ref).scatter_(2, rows[:, None].expand_as(ref), ref)
+    f32 = {k: v.float() for k, v in ins.items() if k != "z"}
+    with torch.no_grad():
+        got = selective_scan_rows(**f32, delta_softplus=True, rows=rows)
+    tol = 1e-5 if length <= 256 else 5e-5
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="no C compiler")
+def test_scan_over_rows_refuses_what_is_not_a_permutation_and_autograd():
+    ins = {k: v.float() for k, v in _inputs(1, 8, 4, 6, "bnl").items() if k != "z"}
+    with torch.no_grad():
+        for bad in (torch.tensor([[0, 1, 2, 3, 4, 6]]), torch.tensor([[0, 1, 2, 3, 4, 4]]),
+                    torch.arange(6, dtype=torch.int32)[None], torch.arange(6)):
+            with pytest.raises(ValueError, match="permutation of range"):
+                selective_scan_rows(**ins, rows=bad)
+    with pytest.raises(ValueError, match="no autograd"):
+        selective_scan_rows(**{**ins, "u": ins["u"].requires_grad_(True)}, rows=torch.arange(6)[None])
 
 
 def test_openmp_scan_is_used_where_pytorch_runs_on_libgomp():

@@ -37,7 +37,8 @@ from smt.kernels.cpu_build import build_error, load_library, openmp_fused_forwar
 from smt.kernels.scan_common import (KernelScan, check_groups, compute_dtype, core_shape, grouped_bc,
                                      scan_epilogue, step_sizes)
 
-__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_cpu", "ScanImpl", "cuda_scan_backend"]
+__all__ = ["selective_scan", "selective_scan_ref", "selective_scan_cpu", "selective_scan_rows", "scan_reads_rows",
+           "ScanImpl", "cuda_scan_backend"]
 
 ScanImpl = Literal["auto", "reference", "cpu", "triton"]
 
@@ -162,12 +163,12 @@ def _bc_view(M: torch.Tensor, batch: int, dim: int, length: int) -> torch.Tensor
     return M[:, None] if M.dim() == 3 else M
 
 
-def _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+def _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, rows=None):
     """Inference: one C pass does bias + softplus, the scan, the D skip and the z gate. Inputs in any (b, D, L)
     strides; ``y`` is returned as a (b, D, L) *view* of channel-last (b, L, D) memory: the kernel stores each
     SIMD block of channels contiguously, and a channel-last consumer (MambaIRv2's ``out_norm``) reads it
     without a copy (inside :func:`smt.kernels.attention.reference_paths`: contiguous (b, D, L), the same
-    values)."""
+    values). ``rows``: see :func:`selective_scan_rows`."""
     lib = load_library()
     batch, dim, length = u.shape
     u, delta, z = u.float(), delta.float(), (z.float() if z is not None else None)
@@ -183,8 +184,8 @@ def _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     last = torch.empty(batch, dim, A.shape[1])
     ptr = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
     args = (u.data_ptr(), delta.data_ptr(), ptr(bias), int(bool(delta_softplus)), A.data_ptr(), Bg.data_ptr(),
-            Cg.data_ptr(), ptr(Dv), ptr(z), y.data_ptr(), last.data_ptr(), batch, dim, A.shape[1], length,
-            Bg.shape[1], u.stride(0), u.stride(2), u.stride(1), y.stride(0), y.stride(2), y.stride(1),
+            Cg.data_ptr(), ptr(Dv), ptr(z), y.data_ptr(), last.data_ptr(), ptr(rows), batch, dim, A.shape[1],
+            length, Bg.shape[1], u.stride(0), u.stride(2), u.stride(1), y.stride(0), y.stride(2), y.stride(1),
             *Bg.stride(), *Cg.stride())
     njobs, nthreads = _cpu_jobs(lib, batch, dim), max(1, torch.get_num_threads())
     omp = openmp_fused_forward() if USE_OPENMP else None
@@ -196,6 +197,38 @@ def _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         raise MemoryError(f"selective scan: the C kernel could not allocate its per-block state "
                           f"(batch {batch}, {dim} channels, state size {A.shape[1]})")
     return y, last
+
+
+def scan_reads_rows(u: torch.Tensor, impl: ScanImpl) -> bool:
+    """Whether :func:`selective_scan_rows` serves a scan of ``u`` under ``impl`` here: CPU inference (no
+    autograd, fast paths on; the scan runs in float32) with the C kernel chosen (``"auto"`` or ``"cpu"``) and
+    available."""
+    return (impl in ("auto", "cpu") and u.device.type == "cpu" and u.is_floating_point()
+            and not torch.is_grad_enabled() and fast_paths_enabled() and load_library() is not None)
+
+
+def selective_scan_rows(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, *, rows):
+    """Inference (no autograd) of the scan over a permutation of the sequence, on the CPU kernel (float32).
+
+    ``rows`` (batch, L) int64, a permutation of ``range(L)`` per batch: step l reads position ``rows[b, l]`` of
+    ``u``, ``delta`` and ``B`` and writes its output to position ``rows[b, l]`` of ``y``, while ``C`` is taken
+    in step order. Equals gathering ``u``, ``delta``, ``B`` along L by ``rows``, :func:`selective_scan_ref`,
+    and scattering ``y`` back, with no permuted copies: MambaIRv2's semantic sort (whose prompt joins C in
+    step order). Returns ``y`` (b, D, L), a view of channel-last memory (see :func:`_fused_forward`)."""
+    batch, _, length = u.shape
+    if not _cpu_kernel_ok(u, A) or torch.is_grad_enabled() and any(
+            t.requires_grad for t in (u, delta, A, B, C, D, delta_bias) if t is not None):
+        raise ValueError("selective_scan_rows: inference on the CPU kernel only (CPU tensors, no autograd, "
+                         f"state size <= {_MAX_STATE}, a C compiler)")
+    if B.dim() != 3 or C.dim() != 3:
+        raise ValueError(f"selective_scan_rows: B and C must be (batch, N, L), got {tuple(B.shape)} and "
+                         f"{tuple(C.shape)}")
+    if rows.dtype != torch.int64 or rows.shape != (batch, length) or not torch.equal(
+            rows.sort(-1).values, torch.arange(length, device=rows.device).expand(batch, length)):
+        raise ValueError(f"selective_scan_rows: rows must be int64 (batch, L) = ({batch}, {length}) holding a "
+                         "permutation of range(L) per batch")
+    y, _ = _fused_forward(u, delta, A, B, C, D, None, delta_bias, delta_softplus, rows.contiguous())
+    return y
 
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

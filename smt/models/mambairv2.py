@@ -34,7 +34,7 @@ import torch.utils.checkpoint as cp
 from einops import rearrange
 
 from smt.kernels.attention import AttentionImpl, window_attention
-from smt.kernels.selective_scan import ScanImpl, selective_scan
+from smt.kernels.selective_scan import ScanImpl, scan_reads_rows, selective_scan, selective_scan_rows
 from smt.models.common import (FastLinear, RelativeBiasCache, SRHeads, WindowOrder,
                                attend_ordered_windows, attend_windows, head_padded_qkv, inference_fast_path,
                                pad_to_multiple, padded_linear, relative_position_index, window_order,
@@ -169,6 +169,22 @@ class Selective_Scan(nn.Module):  # noqa: N801 - official module name
             delta_bias=self.dt_projs_bias.float().view(-1), delta_softplus=True, impl=impl)
         return y.transpose(1, 2)
 
+    def forward_rows(self, x: torch.Tensor, order: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """Inference on the CPU kernel: :meth:`forward` of ``x`` gathered along L by ``order`` (b, L), returned
+        scattered back (row ``order[b, l]`` of the output is step l's), without either permuted copy: the
+        projections are row-wise, so they run on ``x`` as it is; the kernel reads and writes rows through
+        ``order`` (:func:`smt.kernels.selective_scan.selective_scan_rows`); C joins the prompt in step order,
+        as in :meth:`forward`. ``x`` (B, L, D) with unit channel stride."""
+        x_dbl = x @ self.x_proj_weight[0].t()  # (B, L, dt_rank + 2N), rows in token order
+        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dts = dts @ self.dt_projs_weight[0].t()
+        Cs = torch.gather(Cs, 1, order[..., None].expand_as(Cs)) + prompt.float()  # step order
+        y = selective_scan_rows(
+            x.transpose(1, 2), dts.transpose(1, 2), -torch.exp(self.A_logs.float()), Bs.transpose(1, 2),
+            Cs.transpose(1, 2), self.Ds.float(), delta_bias=self.dt_projs_bias.float().view(-1),
+            delta_softplus=True, rows=order)
+        return y.transpose(1, 2)
+
 
 _MANTISSA_53 = (1 << 53) - 1
 
@@ -259,7 +275,10 @@ class ASSM(nn.Module):
           element by element through an expanded index. (The prompt stays in token order, as in the reference
           and the official code.)
         - The CPU scan writes its output channel-last (:func:`smt.kernels.selective_scan._fused_forward`), so
-          ``out_norm`` reads it without a transposing copy.
+          ``out_norm`` reads it without a transposing copy. Where the CPU kernel runs the scan
+          (:func:`~smt.kernels.selective_scan.scan_reads_rows`), it reads its steps' rows through the sort's
+          indices and writes each output to its token's row (:meth:`Selective_Scan.forward_rows`): no sorted
+          copy, no unsort.
         """
         b, n, c = x.shape
         h, w = x_size
@@ -275,6 +294,9 @@ class ASSM(nn.Module):
         conv = self.in_proj[0]
         xs = padded_linear(x, conv.weight, conv.bias)  # (b, n, hidden)
         gate = self.CPE(xs.view(b, h, w, -1).permute(0, 3, 1, 2))  # channels-last in, channels-last out
+        if scan_reads_rows(xs, scan_impl):  # the CPU kernel scans in sorted order through the indices
+            xs = xs * rearrange(gate, "b c h w -> b (h w) c").sigmoid()  # contiguous, like the scan's delta
+            return self.out_proj(self.out_norm(self.selectiveScan.forward_rows(xs, order, prompt)))
         xs = xs.mul_(rearrange(gate, "b c h w -> b (h w) c").sigmoid())
         sorted_x = torch.empty_like(xs)
         for i in range(b):

@@ -275,6 +275,7 @@ static inline void vstore_strided(float *p, long stride, vw v, long nw) {
 typedef struct {
     vw a[MAXN], h[MAXN], bias, dskip;
     const float *u, *delta, *z, *B, *C;  /* at step 0 of this block (B, C: lane 0's group when shared) */
+    const long *rows;                    /* this batch's rows in step order, or NULL (row l = step l) */
     float *y;
     long nw, boff[W], coff[W];           /* lanes' B/C offsets from B and C when not shared */
     int shared;                          /* all lanes read one B/C group: B[n], C[n] are broadcast scalars */
@@ -291,16 +292,18 @@ static inline __attribute__((always_inline)) void fused_steps(
     long nw = jb->nw;
     for (long n = 0; n < N; ++n) h[n] = jb->h[n];
     for (long l = l0; l < l1; ++l) {
-        if (l + FUSED_PREFETCH < L) {  /* rows l + FUSED_PREFETCH: their cache lines are on their way */
-            __builtin_prefetch(jb->u + (l + FUSED_PREFETCH) * sl);
-            __builtin_prefetch(jb->delta + (l + FUSED_PREFETCH) * sl);
-            __builtin_prefetch(jb->y + (l + FUSED_PREFETCH) * yl, 1);
+        if (l + FUSED_PREFETCH < L) {  /* step l + FUSED_PREFETCH's rows: their cache lines are on their way */
+            long rp = jb->rows ? jb->rows[l + FUSED_PREFETCH] : l + FUSED_PREFETCH;
+            __builtin_prefetch(jb->u + rp * sl);
+            __builtin_prefetch(jb->delta + rp * sl);
+            __builtin_prefetch(jb->y + rp * yl, 1);
         }
-        vw uv = vload(jb->u + l * sl, sd, nw), dtv = vload(jb->delta + l * sl, sd, nw) + jb->bias, acc = {0};
+        long r = jb->rows ? jb->rows[l] : l;  /* the row step l reads and writes */
+        vw uv = vload(jb->u + r * sl, sd, nw), dtv = vload(jb->delta + r * sl, sd, nw) + jb->bias, acc = {0};
         if (softplus) dtv = vsoftplus(dtv);
         vw xv = dtv * uv;
         if (jb->shared) {
-            const float *Bl = jb->B + l * bl, *Cl = jb->C + l * cl;
+            const float *Bl = jb->B + r * bl, *Cl = jb->C + l * cl;
 #pragma GCC unroll 16
             for (long n = 0; n < N; ++n) {
                 h[n] = vexp(dtv * jb->a[n]) * h[n] + xv * Bl[n * bn];
@@ -308,16 +311,16 @@ static inline __attribute__((always_inline)) void fused_steps(
             }
         } else {
             for (long n = 0; n < N; ++n) {
-                h[n] = vexp(dtv * jb->a[n]) * h[n] + xv * vgather(B, jb->boff, n * bn + l * bl);
+                h[n] = vexp(dtv * jb->a[n]) * h[n] + xv * vgather(B, jb->boff, n * bn + r * bl);
                 acc += vgather(C, jb->coff, n * cn + l * cl) * h[n];
             }
         }
         acc += jb->dskip * uv;
         if (jb->z) {
-            vw zv = vload(jb->z + l * sl, sd, nw);
+            vw zv = vload(jb->z + r * sl, sd, nw);
             acc *= zv / (1.0f + vexp(0.0f - zv));
         }
-        vstore_strided(jb->y + l * yl, yd, acc, nw);
+        vstore_strided(jb->y + r * yl, yd, acc, nw);
     }
     for (long n = 0; n < N; ++n) jb->h[n] = h[n];
 }
@@ -333,7 +336,9 @@ static void fused_steps_any(FUSED_STEPS_ARGS) { fused_steps(jb, B, C, N, softplu
  * u, delta, z share strides (sb, sl, sd); y has its own (yb, yl, yd): both may be mamba's (batch, D, L).
  * B and C are read in place as (batch, G, N, L) through strides (bb, bg, bn, bl) and (cb, cg, cn, cl): a
  * time-invariant (D, N) matrix is G = D with zero batch and length strides, so nothing is expanded or copied.
- * bias, Dskip, z may be NULL.
+ * bias, Dskip, z may be NULL. rows (batch, L), or NULL: step l of batch b reads row rows[b, l] of u, delta, z
+ * and B and writes row rows[b, l] of y, while C is read in step order -- a scan over a permutation of the
+ * sequence without permuted copies (MambaIRv2's semantic sort, whose prompt joins C in step order).
  *
  * The jobs of the range advance together, FUSED_CHUNK steps at a time, each carrying its state from chunk
  * to chunk: a chunk's rows of u, delta and y (whole cache lines shared by neighbouring channel blocks) then
@@ -343,7 +348,7 @@ static void fused_steps_any(FUSED_STEPS_ARGS) { fused_steps(jb, B, C, N, softplu
  * state cannot be allocated; else 0. */
 int scan_fwd_fused_f32(const float *u, const float *delta, const float *bias, int softplus, const float *A,
                        const float *B, const float *C, const float *Dskip, const float *z, float *y, float *last,
-                       long batch, long D, long N, long L, long G, long sb, long sl, long sd,
+                       const long *rows, long batch, long D, long N, long L, long G, long sb, long sl, long sd,
                        long yb, long yl, long yd, long bb, long bg, long bn, long bl,
                        long cb, long cg, long cn, long cl, long job_begin, long job_end) {
     long njob = job_end - job_begin;
@@ -366,6 +371,7 @@ int scan_fwd_fused_f32(const float *u, const float *delta, const float *bias, in
         jb->delta = delta + soff;
         jb->z = z ? z + soff : NULL;
         jb->y = y + b * yb + d0 * yd;
+        jb->rows = rows ? rows + b * L : NULL;
         jb->B = B + jb->boff[0];
         jb->C = C + jb->coff[0];
         jb->nw = nw;
@@ -403,14 +409,14 @@ int scan_fwd_fused_f32(const float *u, const float *delta, const float *bias, in
  * two cores). Returns the ranges' status, OR-ed. */
 int scan_fwd_fused_f32_omp(const float *u, const float *delta, const float *bias, int softplus, const float *A,
                            const float *B, const float *C, const float *Dskip, const float *z, float *y,
-                           float *last, long batch, long D, long N, long L, long G, long sb, long sl, long sd,
-                           long yb, long yl, long yd, long bb, long bg, long bn, long bl,
+                           float *last, const long *rows, long batch, long D, long N, long L, long G, long sb,
+                           long sl, long sd, long yb, long yl, long yd, long bb, long bg, long bn, long bl,
                            long cb, long cg, long cn, long cl, long njobs, int nthreads) {
     int status = 0;
 #pragma omp parallel for num_threads(nthreads) schedule(static, 1) reduction(| : status)
     for (int i = 0; i < nthreads; ++i)
-        status |= scan_fwd_fused_f32(u, delta, bias, softplus, A, B, C, Dskip, z, y, last, batch, D, N, L, G, sb,
-                                     sl, sd, yb, yl, yd, bb, bg, bn, bl, cb, cg, cn, cl, njobs * i / nthreads,
+        status |= scan_fwd_fused_f32(u, delta, bias, softplus, A, B, C, Dskip, z, y, last, rows, batch, D, N, L,
+                                     G, sb, sl, sd, yb, yl, yd, bb, bg, bn, bl, cb, cg, cn, cl, njobs * i / nthreads,
                                      njobs * (i + 1) / nthreads);
     return status;
 }

@@ -58,14 +58,17 @@ def test_assm_gumbel_fast_path_consumes_the_generator_like_the_reference():
         assert torch.equal(torch.rand(4), after_ref)
 
 
-def test_standard_exponential_equals_exponential_and_leaves_the_same_generator_state():
-    x = torch.empty(16, 4096, 32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_standard_exponential_equals_exponential_and_leaves_the_same_generator_state(dtype):
+    """float32, and the bf16 autocast's bfloat16 logits (drawn in float32 and rounded, as PyTorch's serial
+    kernel does): the same bits, the same generator state after."""
+    x = torch.empty(16, 4096, 32, dtype=dtype)
     torch.manual_seed(11)
     ref = torch.empty_like(x).exponential_()
     after_ref = torch.rand(4)
     torch.manual_seed(11)
     got = _standard_exponential_like(x)
-    assert torch.equal(got, ref) and got.dtype == torch.float32
+    assert torch.equal(got, ref) and got.dtype == dtype
     assert torch.equal(torch.rand(4), after_ref)
 
 

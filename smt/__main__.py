@@ -100,6 +100,10 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
         runner = (up.method_from_bundle(args.bundle, args.device) if args.bundle
                   else up.method_from_run(args.params, args.results, args.device))
         tile = args.tile  # None: the method's own infer.tile
+    from smt.infer.paths import describe_paths
+
+    print(f"upscale: {describe_paths(runner.nets(), runner.precision if args.checkpoint else runner.cfg.precision)}",
+          file=sys.stderr)
     summary = up.upscale_files(files, args.out, runner, tile=tile, suffix=args.suffix, overwrite=args.overwrite)
     for _, why in summary.skipped:
         print(f"failed: {why}", file=sys.stderr)

@@ -41,12 +41,13 @@ def _valid_lr(data):
     return f"{data.root}/{row.lr_path}", row.id
 
 
-def test_whole_method_is_byte_identical_to_the_infer_stage(run, tmp_path):
+def test_whole_method_is_byte_identical_to_the_infer_stage(run, tmp_path, capsys):
     data, params, results, _ = run
     lr, id_ = _valid_lr(data)
     rc = main(["upscale", "-i", lr, "-o", str(tmp_path / "out"), "--params", str(params),
                "--results", str(results), "--device", "cpu"])
     assert rc == 0
+    assert "upscale: inference paths: cpu" in capsys.readouterr().err  # says which paths it takes
     # 0000x4.png stays 0000x4.png (no doubled scale tag) and has the fused image's bytes
     assert (tmp_path / "out" / f"{id_}x4.png").read_bytes() == (results / "valid" / "fused" / f"{id_}x4.png").read_bytes()
 

@@ -34,6 +34,7 @@ from smt.data.manifest import has_hr, read_manifest
 from smt.distributed import barrier, device_for, dist_info, init_process_group, torchrun
 from smt.infer.ensemble import multi_window, self_ensemble
 from smt.infer.fusion import ShardedFit, fuse
+from smt.infer.paths import describe_paths
 from smt.infer.precision import with_precision
 from smt.infer.tiling import tiled_forward
 from smt.models import load_model
@@ -180,6 +181,8 @@ def run_inference(infer_cfg: InferConfig, train_cfg: TrainConfig, data_cfg: Data
         shutil.rmtree(scratch)
     barrier()
     nets = load_method_models(infer_cfg, train_cfg, device)
+    if rank == 0:
+        log(describe_paths(nets.values(), infer_cfg.precision))
     scale = data_cfg.scale
     timings: dict[str, dict] = {}
 

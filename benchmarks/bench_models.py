@@ -8,19 +8,20 @@ Each case times the inference fast paths ("after") and, alternately in the same 
 (``smt.kernels.attention.reference_paths``: the code before issue 17's changes, "before"), so the speed-up is
 a same-process ratio under the same load. GFLOP/s and the matmul fraction are for the fast paths.
 
-For each case: the forward's median time, its FLOPs (:func:`model_flops`: matmuls, convolutions and the
-window attention's two matmuls counted by ``torch.utils.flop_counter.FlopCounterMode`` on the reference paths
-with the attention run as plain matmuls, since the counter has no formula for PyTorch's CPU flash-attention
-kernel; not the fast paths' zero-padded GEMM rows; MambaIRv2's selective scan, a C extension the counter cannot
-see, by mamba's convention, 9 FLOPs per state update plus 1 per output for the D skip; other elementwise work
-is not counted: the figure is a lower bound), the effective GFLOP/s, and that as a fraction of a 2048x2048 matmul's GFLOP/s ("matmul": fp32, or bf16 for the
-bf16 precisions) timed in the case's own process just before each timed forward and after the last (median),
-so a machine whose load changes during the run (shared cores) is compared with its speed at that moment. The
-matmul line at the top is the same measurement once per invocation (bf16 when the CPU has native bf16 units,
-detected at run time by :func:`smt.infer.precision.cpu_has_native_bf16`). Peak memory is the growth of the
-process's peak RSS (``ru_maxrss``) during the case, each case running in its own subprocess so the peak is its
-own (taken after the fast path's warm-up forward, before the FLOP count and any reference run). The machines are shared:
-compare ratios from one invocation, not absolute times across runs.
+For each case: the forward's median time; its FLOPs (:func:`model_flops`: matmuls, convolutions and the window
+attention's two matmuls counted by ``torch.utils.flop_counter.FlopCounterMode`` on the reference paths with the
+attention run as plain matmuls, since the counter has no formula for PyTorch's CPU flash-attention kernel; not
+the fast paths' zero-padded GEMM rows; MambaIRv2's selective scan, a C extension the counter cannot see, by
+mamba's convention, 9 FLOPs per state update plus 1 per output for the D skip; other elementwise work is not
+counted: the figure is a lower bound); the effective GFLOP/s; and that as a fraction of a 2048x2048 matmul's
+GFLOP/s ("matmul": fp32, or bf16 for the bf16 precisions) timed in the case's own process just before each
+timed forward and after the last (median), so a machine whose load changes during the run (shared cores) is
+compared with its speed at that moment. The matmul line at the top is the same measurement once per invocation
+(bf16 when the CPU has native bf16 units, detected at run time by
+:func:`smt.infer.precision.cpu_has_native_bf16`). Peak memory is the growth of the process's peak RSS
+(``ru_maxrss``) during the case, each case running in its own subprocess so the peak is its own (taken after
+the fast path's warm-up forward, before the FLOP count and any reference run). The machines are shared: compare
+ratios from one invocation, not absolute times across runs.
 """
 from __future__ import annotations
 

@@ -38,9 +38,10 @@ from smt.kernels.attention import fast_paths_enabled
 
 __all__ = ["SRHeads", "AuxHead", "window_partition", "window_reverse", "relative_position_index",
            "overlap_relative_position_index", "shifted_window_mask", "shift_region_masks", "relative_position_bias",
-           "RelativeBiasCache", "attend_windows", "WindowOrder", "window_order", "windows_gather",
-           "windows_scatter", "attend_window_groups", "attend_ordered_windows", "head_padded_qkv", "FastLinear", "padded_linear",
-           "gemm_row_multiple", "inference_fast_path", "Upsample", "Mlp", "DropPath", "pad_to_multiple", "pad_reflect_any", "RGB_MEAN"]
+           "RelativeBiasCache", "attend_windows", "WindowOrder", "window_order", "windows_gather", "windows_scatter",
+           "attend_window_groups", "attend_ordered_windows", "head_padded_qkv", "FastLinear", "padded_linear",
+           "gemm_row_multiple", "inference_fast_path", "Upsample", "Mlp", "DropPath", "pad_to_multiple",
+           "pad_reflect_any", "RGB_MEAN"]
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean, subtracted by both official models when in_chans == 3
 

@@ -327,9 +327,10 @@ static inline __attribute__((always_inline)) void fused_steps(
 
 #define FUSED_STEPS_ARGS fused_job *jb, const float *B, const float *C, long N, int softplus, long l0, long l1, \
     long L, long sl, long sd, long yl, long yd, long bn, long bl, long cn, long cl
-static void fused_steps_n16(FUSED_STEPS_ARGS) { fused_steps(jb, B, C, 16, softplus, l0, l1, L, sl, sd, yl, yd, bn, bl, cn, cl); }
-static void fused_steps_n8(FUSED_STEPS_ARGS) { fused_steps(jb, B, C, 8, softplus, l0, l1, L, sl, sd, yl, yd, bn, bl, cn, cl); }
-static void fused_steps_any(FUSED_STEPS_ARGS) { fused_steps(jb, B, C, N, softplus, l0, l1, L, sl, sd, yl, yd, bn, bl, cn, cl); }
+#define FUSED_STEPS_CALL(NCONST) fused_steps(jb, B, C, NCONST, softplus, l0, l1, L, sl, sd, yl, yd, bn, bl, cn, cl)
+static void fused_steps_n16(FUSED_STEPS_ARGS) { FUSED_STEPS_CALL(16); }
+static void fused_steps_n8(FUSED_STEPS_ARGS) { FUSED_STEPS_CALL(8); }
+static void fused_steps_any(FUSED_STEPS_ARGS) { FUSED_STEPS_CALL(N); }
 
 /* Inference forward with everything element-wise fused:
  *   dt = softplus(delta + bias) (each optional);  y = (scan(u, dt) + Dskip * u) * silu(z)  (each optional).

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from smt.kernels import selective_scan, selective_scan_ref, window_attention
-from smt.kernels.cpu_build import load_library, openmp_fused_forward, openmp_status
+from smt.kernels.cpu_build import load_library, openmp_library, openmp_status
 from smt.kernels.selective_scan import selective_scan_cpu, selective_scan_rows
 from conftest import FIXTURES
 
@@ -237,31 +237,40 @@ def test_openmp_scan_is_used_where_pytorch_runs_on_libgomp():
 
     if len(_libgomp_paths()) != 1:
         pytest.skip(f"PyTorch does not run on exactly one libgomp here: {openmp_status()}")
-    assert openmp_fused_forward() is not None, openmp_status()
+    assert openmp_library() is not None, openmp_status()
     assert openmp_status().startswith("OpenMP on PyTorch's libgomp")
 
 
 @pytest.mark.skipif(not HAS_CPU_KERNEL, reason="no C compiler")
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_openmp_scan_equals_the_python_threads_bit_for_bit(monkeypatch, threads):
-    """The OpenMP driver runs the same job ranges as the Python threads: the same bits, for any thread count
-    (3 threads over 3 blocks of channels in 2 batches: ranges that split a batch)."""
-    if openmp_fused_forward() is None:
+    """The OpenMP entry points run the same job ranges as the Python threads: the same bits for the inference
+    forward, and for training's forward and backward (each range's dA, dB, dC partial sums in its own buffer),
+    for any thread count (3 threads over 3 blocks of channels in 2 batches: ranges that split a batch)."""
+    if openmp_library() is None:
         pytest.skip(openmp_status())
     import importlib
 
     ss = importlib.import_module("smt.kernels.selective_scan")  # the module (the package exports the function)
     ins = {k: (v.float() if v is not None else None) for k, v in _inputs(2, 40, 16, 300, "bgnl2").items()}
+
+    def both() -> list[torch.Tensor]:
+        with torch.no_grad():
+            out = list(selective_scan_cpu(**ins, delta_softplus=True, return_last_state=True))
+        leaves = {k: v.clone().requires_grad_(True) for k, v in ins.items()}
+        y, last = selective_scan_cpu(**leaves, delta_softplus=True, return_last_state=True)
+        (y.square().sum() + last.sum()).backward()
+        return out + [y.detach(), last.detach()] + [leaves[k].grad for k in sorted(leaves)]
+
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with torch.no_grad():
-            omp = selective_scan_cpu(**ins, delta_softplus=True, return_last_state=True)
-            monkeypatch.setattr(ss, "USE_OPENMP", False)
-            py = selective_scan_cpu(**ins, delta_softplus=True, return_last_state=True)
+        omp = both()
+        monkeypatch.setattr(ss, "USE_OPENMP", False)
+        py = both()
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(omp[0], py[0]) and torch.equal(omp[1], py[1])
+    assert all(torch.equal(a, b) for a, b in zip(omp, py))
 
 
 @pytest.mark.parametrize("arch", [80, 90])

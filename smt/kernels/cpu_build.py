@@ -18,11 +18,10 @@ import subprocess
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable
 
 from smt.files import atomic_path
 
-__all__ = ["load_library", "SOURCE", "build_error", "openmp_fused_forward", "openmp_status"]
+__all__ = ["load_library", "SOURCE", "build_error", "openmp_library", "openmp_status"]
 
 SOURCE = Path(__file__).parent / "csrc" / "selective_scan.c"
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
@@ -30,7 +29,7 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
 _tried = False
-_omp_fn: Callable | None = None
+_omp_lib: ctypes.CDLL | None = None
 _omp_status = "not tried (the kernel library is not loaded)"
 
 
@@ -107,12 +106,12 @@ def _libgomp_paths() -> set[str]:
 
 
 def _load_openmp(cc: str) -> None:
-    """Loads the OpenMP build (``-fopenmp -DSMT_OPENMP``: ``scan_fwd_fused_f32_omp``) where PyTorch runs on
+    """Loads the OpenMP build (``-fopenmp -DSMT_OPENMP``: the ``*_omp`` entry points) where PyTorch runs on
     libgomp, so that the scan's threads are PyTorch's own team (see the C source). Only when exactly one
     libgomp is in the process before and after loading: the build's ``libgomp.so.1`` must resolve to PyTorch's
     copy, never a second OpenMP runtime. Otherwise (no libgomp, another runtime, a failed build) the scan
     keeps its Python threads and :func:`openmp_status` says why."""
-    global _omp_fn, _omp_status
+    global _omp_lib, _omp_status
     if os.environ.get("SMT_DISABLE_OPENMP_SCAN"):
         _omp_status = "disabled by SMT_DISABLE_OPENMP_SCAN"
         return
@@ -130,17 +129,18 @@ def _load_openmp(cc: str) -> None:
     if after != before:
         _omp_status = f"the OpenMP build loaded another libgomp ({', '.join(sorted(after - before))}): not used"
         return
-    fn = lib.scan_fwd_fused_f32_omp
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 8 + [ctypes.c_long] * 19 + [
-        ctypes.c_long, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    _omp_fn, _omp_status = fn, f"OpenMP on PyTorch's libgomp ({next(iter(before))})"
+    lib.scan_fwd_fused_f32_omp.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 8
+                                           + [ctypes.c_long] * 19 + [ctypes.c_long, ctypes.c_int])
+    lib.scan_fwd_fused_f32_omp.restype = ctypes.c_int
+    lib.scan_fwd_f32_omp.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 9 + [ctypes.c_int]
+    lib.scan_bwd_f32_omp.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_long] * 9 + [ctypes.c_int]
+    _omp_lib, _omp_status = lib, f"OpenMP on PyTorch's libgomp ({next(iter(before))})"
 
 
-def openmp_fused_forward() -> Callable | None:
-    """``scan_fwd_fused_f32_omp`` of the OpenMP build when it is usable here (after :func:`load_library`),
-    else ``None``."""
-    return _omp_fn
+def openmp_library() -> ctypes.CDLL | None:
+    """The OpenMP build (its ``*_omp`` float32 entry points take the job count and thread count in place of a
+    job range) when it is usable here (after :func:`load_library`), else ``None``."""
+    return _omp_lib
 
 
 def openmp_status() -> str:

@@ -14,8 +14,9 @@ Implementations, chosen by :func:`selective_scan` (``impl="auto"``):
   (:mod:`smt.kernels.triton_scan`, forward and backward); the reference only where neither is available. The
   choice is made once per process and said by :func:`cuda_scan_backend` (``python -m smt check`` prints it); a
   backend that fails on its first call is dropped for the next one, with a warning.
-- CPU: :func:`selective_scan_cpu`, a C kernel (``csrc/selective_scan.c``; SIMD over channels, Python threads
-  over channel blocks) with a hand-written backward, built at first use. Why C and not a chunked parallel scan
+- CPU: :func:`selective_scan_cpu`, a C kernel (``csrc/selective_scan.c``; SIMD over channels, threads over
+  channel blocks: PyTorch's own OpenMP team where the kernel's OpenMP build can join it, else Python threads)
+  with a hand-written backward, built at first use. Why C and not a chunked parallel scan
   in PyTorch: the recurrence is memory-bound, and
   a chunked scan materialises (L x N) or (L x T x N) intermediates per channel several times over, while the
   sequential loop keeps the N-vector state in registers and reads each input once. Measured in
@@ -33,7 +34,7 @@ from typing import Callable, Literal
 import torch
 
 from smt.kernels.attention import fast_paths_enabled
-from smt.kernels.cpu_build import build_error, load_library, openmp_fused_forward
+from smt.kernels.cpu_build import build_error, load_library, openmp_library
 from smt.kernels.scan_common import (KernelScan, check_groups, compute_dtype, core_shape, grouped_bc,
                                      scan_epilogue, step_sizes)
 
@@ -107,6 +108,13 @@ def _run_jobs(fn, njobs: int, nthreads: int) -> list:
     return [f.result() for f in [_POOL.submit(fn, a, b) for a, b in ranges]]
 
 
+def _openmp():
+    """The kernel library's OpenMP build where it runs on PyTorch's own libgomp team (and ``USE_OPENMP``):
+    the float32 entry points then run the same job ranges as :func:`_run_jobs` on that team, whose workers
+    would otherwise spin-wait beside the Python threads for the same cores (see the C source)."""
+    return openmp_library() if USE_OPENMP else None
+
+
 def _cpu_jobs(lib, batch: int, dim: int) -> int:
     """Job count of a C-kernel call: one job per (batch, block of ``scan_block_width()`` channels)."""
     return batch * -(-dim // lib.scan_block_width())
@@ -126,7 +134,12 @@ def _cpu_core_fwd(u, dt, A, B, C):
     last = u.new_empty(batch, dim, nstate)
     args = (u.data_ptr(), dt.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(), y.data_ptr(),
             last.data_ptr(), batch, dim, nstate, length, groups, *u.stride())
-    _run_jobs(lambda a, b: fwd(*args, a, b), _cpu_jobs(lib, batch, dim), max(1, torch.get_num_threads()))
+    njobs, nthreads = _cpu_jobs(lib, batch, dim), max(1, torch.get_num_threads())
+    omp = _openmp() if u.dtype == torch.float32 else None
+    if omp is not None:
+        omp.scan_fwd_f32_omp(*args, njobs, min(nthreads, njobs))
+    else:
+        _run_jobs(lambda a, b: fwd(*args, a, b), njobs, nthreads)
     return y, last, ()
 
 
@@ -143,14 +156,18 @@ def _cpu_core_bwd(dy, u, dt, A, B, C):
     dB = B.new_zeros(threads, *B.shape)
     dC = C.new_zeros(threads, *C.shape)
     bounds = [njobs * i // threads for i in range(threads + 1)]
+    common = (u.data_ptr(), dt.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(), dy.data_ptr(), du.data_ptr(),
+              ddt.data_ptr())
+    shape = (batch, dim, nstate, length, groups, *u.stride())
+    omp = _openmp() if u.dtype == torch.float32 else None
+    if omp is not None:  # range i accumulates into dA[i], dB[i], dC[i], as below
+        omp.scan_bwd_f32_omp(*common, dA.data_ptr(), dB.data_ptr(), dC.data_ptr(), *shape, njobs, threads)
+    else:
+        def run(a: int, b: int) -> None:
+            i = bounds.index(a)
+            bwd(*common, dA[i].data_ptr(), dB[i].data_ptr(), dC[i].data_ptr(), *shape, a, b)
 
-    def run(a: int, b: int) -> None:
-        i = bounds.index(a)
-        bwd(u.data_ptr(), dt.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(), dy.data_ptr(),
-            du.data_ptr(), ddt.data_ptr(), dA[i].data_ptr(), dB[i].data_ptr(), dC[i].data_ptr(),
-            batch, dim, nstate, length, groups, *u.stride(), a, b)
-
-    _run_jobs(run, njobs, threads)
+        _run_jobs(run, njobs, threads)
     return du, ddt, dA.sum(0), dB.sum(0), dC.sum(0)
 
 
@@ -188,9 +205,9 @@ def _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, rows=Non
             length, Bg.shape[1], u.stride(0), u.stride(2), u.stride(1), y.stride(0), y.stride(2), y.stride(1),
             *Bg.stride(), *Cg.stride())
     njobs, nthreads = _cpu_jobs(lib, batch, dim), max(1, torch.get_num_threads())
-    omp = openmp_fused_forward() if USE_OPENMP else None
-    if omp is not None:  # the same job ranges on PyTorch's own OpenMP team (see cpu_build)
-        codes = [omp(*args, njobs, min(nthreads, njobs))]
+    omp = _openmp()
+    if omp is not None:
+        codes = [omp.scan_fwd_fused_f32_omp(*args, njobs, min(nthreads, njobs))]
     else:
         codes = _run_jobs(lambda a, b: lib.scan_fwd_fused_f32(*args, a, b), njobs, nthreads)
     if any(codes):

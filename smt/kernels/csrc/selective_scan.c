@@ -401,27 +401,6 @@ int scan_fwd_fused_f32(const float *u, const float *delta, const float *bias, in
     return 0;
 }
 
-#ifdef SMT_OPENMP
-/* scan_fwd_fused_f32 over jobs [0, njobs) in nthreads fixed contiguous ranges (the Python driver's split: the
- * same results), run by an OpenMP team. Built only as the OpenMP variant of this library, loaded only into a
- * process whose PyTorch already runs on libgomp (cpu_build.py): the team is then PyTorch's own, whose worker
- * threads spin-wait for work after each parallel region. Python threads running the ranges instead compete
- * with those spinning workers for the cores (measured: 0.52 vs 0.93 s of MambaIRv2-L's 54 scans at 64 px on
- * two cores). Returns the ranges' status, OR-ed. */
-int scan_fwd_fused_f32_omp(const float *u, const float *delta, const float *bias, int softplus, const float *A,
-                           const float *B, const float *C, const float *Dskip, const float *z, float *y,
-                           float *last, const long *rows, long batch, long D, long N, long L, long G, long sb,
-                           long sl, long sd, long yb, long yl, long yd, long bb, long bg, long bn, long bl,
-                           long cb, long cg, long cn, long cl, long njobs, int nthreads) {
-    int status = 0;
-#pragma omp parallel for num_threads(nthreads) schedule(static, 1) reduction(| : status)
-    for (int i = 0; i < nthreads; ++i)
-        status |= scan_fwd_fused_f32(u, delta, bias, softplus, A, B, C, Dskip, z, y, last, rows, batch, D, N, L,
-                                     G, sb, sl, sd, yb, yl, yd, bb, bg, bn, bl, cb, cg, cn, cl, njobs * i / nthreads,
-                                     njobs * (i + 1) / nthreads);
-    return status;
-}
-#endif
 
 /* u, dt as in the forward (strided); dy, du, ddt: contiguous (batch, L, D). */
 void scan_bwd_f32(const float *u, const float *dt, const float *A, const float *B, const float *C,
@@ -483,6 +462,54 @@ void scan_bwd_f32(const float *u, const float *dt, const float *A, const float *
         free(hs);
     }
 }
+
+#ifdef SMT_OPENMP
+/* The float32 entry points over jobs [0, njobs) in nthreads fixed contiguous ranges (the Python driver's split:
+ * the same results), run by an OpenMP team. Built only as the OpenMP variant of this library, loaded only into
+ * a process whose PyTorch already runs on libgomp (cpu_build.py): the team is then PyTorch's own, whose worker
+ * threads spin-wait for work after each parallel region. Python threads running the ranges instead compete
+ * with those spinning workers for the cores (measured: 0.52 vs 0.93 s of MambaIRv2-L's 54 scans at 64 px on
+ * two cores). */
+#define RANGE_BEGIN (njobs * i / nthreads)
+#define RANGE_END (njobs * (i + 1) / nthreads)
+
+/* scan_fwd_fused_f32's ranges; returns their status, OR-ed. */
+int scan_fwd_fused_f32_omp(const float *u, const float *delta, const float *bias, int softplus, const float *A,
+                           const float *B, const float *C, const float *Dskip, const float *z, float *y,
+                           float *last, const long *rows, long batch, long D, long N, long L, long G, long sb,
+                           long sl, long sd, long yb, long yl, long yd, long bb, long bg, long bn, long bl,
+                           long cb, long cg, long cn, long cl, long njobs, int nthreads) {
+    int status = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1) reduction(| : status)
+    for (int i = 0; i < nthreads; ++i)
+        status |= scan_fwd_fused_f32(u, delta, bias, softplus, A, B, C, Dskip, z, y, last, rows, batch, D, N, L,
+                                     G, sb, sl, sd, yb, yl, yd, bb, bg, bn, bl, cb, cg, cn, cl, RANGE_BEGIN,
+                                     RANGE_END);
+    return status;
+}
+
+/* scan_fwd_f32's ranges (training's forward). */
+void scan_fwd_f32_omp(const float *u, const float *dt, const float *A, const float *B, const float *C, float *y,
+                      float *last, long batch, long D, long N, long L, long G, long sb, long sl, long sd,
+                      long njobs, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+    for (int i = 0; i < nthreads; ++i)
+        scan_fwd_f32(u, dt, A, B, C, y, last, batch, D, N, L, G, sb, sl, sd, RANGE_BEGIN, RANGE_END);
+}
+
+/* scan_bwd_f32's ranges; range i accumulates into the i-th of nthreads consecutive dA, dB, dC buffers
+ * ((D, N), and B's and C's (batch, G, L, N) each), which the caller sums. */
+void scan_bwd_f32_omp(const float *u, const float *dt, const float *A, const float *B, const float *C,
+                      const float *dy, float *du, float *ddt, float *dA_parts, float *dB_parts, float *dC_parts,
+                      long batch, long D, long N, long L, long G, long sb, long sl, long sd, long njobs,
+                      int nthreads) {
+    long bc = batch * G * L * N;
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+    for (int i = 0; i < nthreads; ++i)
+        scan_bwd_f32(u, dt, A, B, C, dy, du, ddt, dA_parts + i * D * N, dB_parts + i * bc, dC_parts + i * bc,
+                     batch, D, N, L, G, sb, sl, sd, RANGE_BEGIN, RANGE_END);
+}
+#endif
 
 int scan_max_state(void) { return MAXN; }
 

@@ -12,7 +12,8 @@ import torch
 
 from smt.kernels.attention import reference_paths
 from smt.models import HAT, MambaIRv2
-from smt.models.common import CPU_HEAD_MULTIPLE, FastLinear, gemm_row_multiple, head_padded_qkv, padded_linear
+from smt.models.common import (CPU_HEAD_MULTIPLE, FastLinear, fast_linear, gemm_row_multiple, head_padded_qkv,
+                               onednn_linear_available)
 from smt.models.mambairv2 import ASSM, _exponential_from_bits, _standard_exponential_like
 
 
@@ -167,16 +168,27 @@ def test_window_order_is_roll_then_partition_with_groups_covering_every_window()
     assert len(window_order(2, 12, 8, 4, 2, x.device).groups) == 4
 
 
-def test_padded_linear_equals_linear_and_follows_weight_changes():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fast_linear_equals_linear_and_follows_weight_changes(autocast):
+    """float32: PyTorch's oneDNN linear (bias and GELU fused, contiguous output) where available; bf16 autocast:
+    the padded GEMM with the padding sliced off. Both equal F.linear (+ GELU); in-place weight changes are seen;
+    training and the reference paths take nn.Linear's forward."""
     torch.manual_seed(0)
     lin = FastLinear(10, 2 * gemm_row_multiple() + 3).eval()
     x = torch.randn(2, 7, 10)
-    with torch.no_grad():
+    tol = 1e-6 if not autocast else 1e-2
+    ctx = lambda: torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()  # noqa
+    with torch.no_grad(), ctx():
+        ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
         out = lin(x)
-        assert out.shape == (2, 7, lin.out_features) and not out.is_contiguous()  # padding sliced off
-        assert _rel_err(out, torch.nn.functional.linear(x, lin.weight, lin.bias)) <= 1e-6
+        assert out.shape == (2, 7, lin.out_features) and out.dtype == ref.dtype
+        assert out.is_contiguous() == (not autocast and onednn_linear_available())  # padded: a sliced view
+        assert _rel_err(out.float(), ref.float()) <= tol
+        assert _rel_err(lin.forward_gelu(x).float(), torch.nn.functional.gelu(ref).float()) <= tol
+    with torch.no_grad():
         lin.weight.mul_(2.0)  # an in-place change (load_state_dict, optimiser step) is seen
-        assert _rel_err(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias)) <= 1e-6
+    with torch.no_grad(), ctx():  # a new autocast region: its cast cache starts empty
+        assert _rel_err(lin(x).float(), torch.nn.functional.linear(x, lin.weight, lin.bias).float()) <= tol
         with reference_paths():
             assert lin(x).is_contiguous()
     # autograd: the plain nn.Linear path, gradients reach the weight
@@ -185,9 +197,14 @@ def test_padded_linear_equals_linear_and_follows_weight_changes():
     # a 1x1 conv's (out, in, 1, 1) weight works as a matmul weight
     conv = torch.nn.Conv2d(10, 5, 1)
     with torch.no_grad():
-        got = padded_linear(x, conv.weight, conv.bias)
+        got = fast_linear(x, conv.weight, conv.bias)
         ref = conv(x.transpose(1, 2).reshape(2, 10, 7, 1)).reshape(2, 5, 7).transpose(1, 2)
     assert _rel_err(got, ref) <= 1e-5
+
+
+def test_onednn_linear_is_available_in_this_build():
+    # PyTorch's CPU wheels ship oneDNN; a silent fallback would cost 25-40% on every linear layer
+    assert onednn_linear_available()
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -14,11 +14,10 @@ outputs.
 Inference fast paths (off inside :func:`smt.kernels.attention.reference_paths`, tested against it): the
 gathered bias cached per module (:class:`RelativeBiasCache`, eval mode with grad off), and the shifted-window
 groups written into one output tensor instead of concatenated. Linear layers (:class:`FastLinear`, an
-``nn.Linear`` with the same parameters) zero-pad their weight's output rows to a multiple of the CPU's vector
-width in eval mode: PyTorch's CPU GEMM ran such shapes 1.3-2x faster here (4096 x 174 -> 348 and 348 -> 174,
-MambaIRv2-L; 180 -> 540, HAT-L; one thread, AVX-512), and the zero rows' outputs are sliced off (a strided
-view; the consumers, element-wise ops and row gathers, read it as is). The padded weight is made per call, not
-cached (a cached copy fragmented the heap: peak memory 3-6x). The models' eval forwards also replace roll +
+``nn.Linear`` with the same parameters) run :func:`fast_linear` in eval mode: in float32 PyTorch's oneDNN
+linear with the bias (and a following GELU) fused into the GEMM, under bf16 autocast a GEMM whose output rows
+are zero-padded to a multiple of the CPU's vector width (the padding sliced off). The models' eval forwards also
+replace roll +
 partition (and reverse + roll back) by one row gather (one scatter) through a cached :func:`window_order`,
 whose windows come grouped by shifted-window mask so each group is a contiguous slice (:func:`windows_gather`,
 :func:`attend_window_groups`, :func:`attend_ordered_windows`, :func:`windows_scatter`).
@@ -39,9 +38,9 @@ from smt.kernels.attention import fast_paths_enabled
 __all__ = ["SRHeads", "AuxHead", "window_partition", "window_reverse", "relative_position_index",
            "overlap_relative_position_index", "shifted_window_mask", "shift_region_masks", "relative_position_bias",
            "RelativeBiasCache", "attend_windows", "WindowOrder", "window_order", "windows_gather", "windows_scatter",
-           "attend_window_groups", "attend_ordered_windows", "head_padded_qkv", "FastLinear", "padded_linear",
-           "gemm_row_multiple", "inference_fast_path", "Upsample", "Mlp", "DropPath", "pad_to_multiple",
-           "pad_reflect_any", "RGB_MEAN"]
+           "attend_window_groups", "attend_ordered_windows", "head_padded_qkv", "FastLinear", "fast_linear",
+           "gemm_row_multiple", "onednn_linear_available", "inference_fast_path", "Upsample", "Mlp", "DropPath",
+           "pad_to_multiple", "pad_reflect_any", "RGB_MEAN"]
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)  # DIV2K mean, subtracted by both official models when in_chans == 3
 
@@ -251,7 +250,7 @@ def head_padded_qkv(x: torch.Tensor, qkv: nn.Linear, num_heads: int) -> tuple[to
         return qkv(x), d
     w = F.pad(qkv.weight.detach().view(3 * num_heads, d, -1), (0, 0, 0, pad)).flatten(0, 1)
     b = None if qkv.bias is None else F.pad(qkv.bias.detach().view(3 * num_heads, d), (0, pad)).flatten()
-    return F.linear(x, w, b), d
+    return fast_linear(x, w, b), d
 
 
 def attend_ordered_windows(qkv: torch.Tensor, num_heads: int, head_dim: int, scale: float, bias: torch.Tensor,
@@ -276,32 +275,72 @@ def gemm_row_multiple() -> int:
     return 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
 
 
-def padded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` (``weight`` (out, ...) flattened to (out, in): a 1x1 conv's works), on the
-    CPU without autograd computed with the output rows padded to a multiple of :func:`gemm_row_multiple` and
-    the padding sliced off (the same dot products; a strided result). Elsewhere, or inside
-    :func:`smt.kernels.attention.reference_paths`, plain ``F.linear``."""
+@functools.lru_cache(maxsize=1)
+def onednn_linear_available() -> bool:
+    """Whether PyTorch's oneDNN linear with fused epilogues (``torch.ops.mkldnn._linear_pointwise``, the CPU
+    linear of PyTorch's own compiler) runs in this build and equals ``F.linear`` (+ ``F.gelu``) on a probe."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(7, 5, generator=g), torch.randn(6, 5, generator=g), torch.randn(6, generator=g)
+    try:
+        plain = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        gelu = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
+    except (RuntimeError, AttributeError, TypeError):
+        return False
+    ref = F.linear(x, w, b)
+    return bool(torch.allclose(plain, ref, rtol=1e-5, atol=1e-6)
+                and torch.allclose(gelu, F.gelu(ref), rtol=1e-5, atol=1e-6))
+
+
+def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                gelu: bool = False) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` (``weight`` (out, ...) flattened to (out, in): a 1x1 conv's works), followed
+    by the exact (erf) GELU if ``gelu``. On the CPU without autograd (inside
+    :func:`smt.kernels.attention.reference_paths`: plain ``F.linear``):
+
+    - float32 outside autocast: PyTorch's oneDNN linear (:func:`onednn_linear_available`), bias and GELU fused
+      into the GEMM's epilogue and a contiguous output. Measured here (2 threads, 4096 tokens): 174 -> 348
+      2.9 ms against 3.8 (MKL ``addmm``, which first copies the bias into every output row) and 3.9 padded;
+      348 -> 174 3.0 / 4.7 / 3.7; 180 -> 540 4.3 / 7.4 / 6.5; the fused GELU costs 0.3 ms, where a separate
+      GELU pass costs 0.45 ms or more.
+    - otherwise (bf16 autocast): the output rows padded to a multiple of :func:`gemm_row_multiple` and the
+      padding sliced off (the same dot products; a strided result), which ran such shapes 1.3-2x faster."""
     n = weight.shape[0]
+    w2 = weight.reshape(n, -1)
+    if torch.is_grad_enabled() or not fast_paths_enabled() or x.device.type != "cpu" or weight.is_inference():
+        y = F.linear(x, w2, bias)
+        return F.gelu(y) if gelu else y
+    if (x.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and onednn_linear_available()):
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w2.detach(), bias, "gelu" if gelu else "none",
+                                                  [], "none" if gelu else "")
     pad = -n % gemm_row_multiple()
-    if (pad == 0 or torch.is_grad_enabled() or not fast_paths_enabled() or x.device.type != "cpu"
-            or weight.is_inference()):
-        return F.linear(x, weight.reshape(n, -1), bias)
-    # padded per call, not cached: a long-lived padded copy allocated mid-forward among the activations
-    # fragments glibc's heap (measured: MambaIRv2-L at 128 px, peak RSS growth 526 MB -> 3.0 GB with a
-    # per-layer cache), while padding costs a copy of the weight, nothing beside the GEMM
-    w = F.pad(weight.detach().reshape(n, -1), (0, 0, 0, pad))
-    b = None if bias is None else F.pad(bias.detach(), (0, pad))
-    return F.linear(x, w, b)[..., :n]
+    if pad:
+        # padded per call, not cached: a long-lived padded copy allocated mid-forward among the activations
+        # fragments glibc's heap (measured: MambaIRv2-L at 128 px, peak RSS growth 526 MB -> 3.0 GB with a
+        # per-layer cache), while padding costs a copy of the weight, nothing beside the GEMM
+        w2 = F.pad(w2.detach(), (0, 0, 0, pad))
+        bias = None if bias is None else F.pad(bias.detach(), (0, pad))
+    y = F.linear(x, w2, bias)
+    y = y[..., :n] if pad else y
+    return F.gelu(y) if gelu else y
 
 
 class FastLinear(nn.Linear):
     """``nn.Linear`` (same parameters, names and initialisation) whose eval forward without autograd runs
-    :func:`padded_linear`; training and autograd use ``nn.Linear``'s."""
+    :func:`fast_linear`; training and autograd use ``nn.Linear``'s. :meth:`forward_gelu` is ``F.gelu`` of the
+    forward, fused on the fast path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             return super().forward(x)
-        return padded_linear(x, self.weight, self.bias)
+        return fast_linear(x, self.weight, self.bias)
+
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return F.gelu(super().forward(x))
+        return fast_linear(x, self.weight, self.bias, gelu=True)
 
 
 class Upsample(nn.Sequential):
@@ -328,6 +367,8 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if inference_fast_path(self):  # dropout is the identity here; GELU fused into fc1
+            return self.fc2(self.fc1.forward_gelu(x))
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 

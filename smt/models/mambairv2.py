@@ -37,7 +37,7 @@ from smt.kernels.attention import AttentionImpl, window_attention
 from smt.kernels.selective_scan import ScanImpl, scan_reads_rows, selective_scan, selective_scan_rows
 from smt.models.common import (FastLinear, RelativeBiasCache, SRHeads, WindowOrder,
                                attend_ordered_windows, attend_windows, head_padded_qkv, inference_fast_path,
-                               pad_to_multiple, padded_linear, relative_position_index, window_order,
+                               pad_to_multiple, fast_linear, relative_position_index, window_order,
                                window_partition, window_reverse, windows_gather, windows_scatter)
 from smt.models.hat import _init_weights, _PatchEmbed
 
@@ -71,7 +71,7 @@ class ConvFFN(nn.Module):
         self.fc2 = FastLinear(hidden_features, in_features)
 
     def forward(self, x: torch.Tensor, x_size: tuple[int, int]) -> torch.Tensor:
-        x = self.act(self.fc1(x))
+        x = self.fc1.forward_gelu(x) if inference_fast_path(self) else self.act(self.fc1(x))  # GELU fused
         return self.fc2(x + self.dwconv(x, x_size))
 
 
@@ -286,7 +286,8 @@ class ASSM(nn.Module):
         b, n, c = x.shape
         h, w = x_size
         prompts = self.embeddingB.weight @ token.weight  # (num_tokens, d_state)
-        logits = self.route(x)
+        route_in, _, route_out, log_softmax = self.route
+        logits = log_softmax(route_out(route_in.forward_gelu(x)))  # GELU fused into the first linear
         if routing == "gumbel":
             # F.gumbel_softmax(hard=True): gumbels = -log(Exp(1)), index = argmax(softmax(logits + gumbels))
             route = (logits - _standard_exponential_like(logits).log_()).argmax(-1)
@@ -295,7 +296,7 @@ class ASSM(nn.Module):
         prompt = F.embedding(route, prompts)  # (b, n, d_state)
         order = torch.sort(route, dim=-1, stable=False).indices  # the same call as the reference: same ties
         conv = self.in_proj[0]
-        xs = padded_linear(x, conv.weight, conv.bias)  # (b, n, hidden)
+        xs = fast_linear(x, conv.weight, conv.bias)  # (b, n, hidden)
         gate = self.CPE(xs.view(b, h, w, -1).permute(0, 3, 1, 2))  # channels-last in, channels-last out
         if scan_reads_rows(xs, scan_impl):  # the CPU kernel scans in sorted order through the indices
             xs = xs * rearrange(gate, "b c h w -> b (h w) c").sigmoid()  # contiguous, like the scan's delta

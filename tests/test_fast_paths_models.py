@@ -202,6 +202,22 @@ def test_fast_linear_equals_linear_and_follows_weight_changes(autocast):
     assert _rel_err(got, ref) <= 1e-5
 
 
+def test_fast_linear_with_bf16_weights_casts_like_autocast_and_fuses_the_gelu():
+    """bf16-weights: x (float32 here, as after a float32 LayerNorm) and the bias cast to bf16 as autocast's
+    linear casts them; the result is bf16, within bf16 rounding of autocast's linear (+ GELU)."""
+    torch.manual_seed(0)
+    lin = FastLinear(24, 40).eval()
+    x = torch.randn(3, 9, 24)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        lin_bf16 = FastLinear(24, 40).eval().to(torch.bfloat16)
+        lin_bf16.load_state_dict(lin.state_dict())
+        out, out_gelu = lin_bf16(x), lin_bf16.forward_gelu(x)
+    assert out.dtype == out_gelu.dtype == torch.bfloat16 and out.is_contiguous() == onednn_linear_available()
+    assert _rel_err(out.float(), ref.float()) <= 1e-2
+    assert _rel_err(out_gelu.float(), torch.nn.functional.gelu(ref.float())) <= 1e-2
+
+
 def test_onednn_linear_is_available_in_this_build():
     # PyTorch's CPU wheels ship oneDNN; a silent fallback would cost 25-40% on every linear layer
     assert onednn_linear_available()

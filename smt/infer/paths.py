@@ -48,7 +48,11 @@ def describe_paths(nets: Iterable[torch.nn.Module], precision: Precision) -> str
     if not fast_paths_enabled():
         parts.append("reference paths (fast paths switched off)")
         return "inference paths: " + "; ".join(parts)
-    parts.append("eval fast paths (fused window attention, padded GEMMs; each tested equal to its reference)")
+    from smt.models.common import onednn_linear_available
+
+    gemm = ("oneDNN linear with bias and GELU fused" if onednn_linear_available()
+            else "GEMMs padded to the SIMD width (no oneDNN linear in this PyTorch)")
+    parts.append(f"eval fast paths (ordered windows, {gemm}; each tested equal to its reference)")
     impls = {getattr(n, "attn_impl", None) for n in nets} - {None}
     if impls:
         kernel = ("SDPA, heads zero-padded to a multiple of 8" if device.type == "cuda"

@@ -283,14 +283,15 @@ def onednn_linear_available() -> bool:
         return False
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(7, 5, generator=g), torch.randn(6, 5, generator=g), torch.randn(6, generator=g)
-    try:
-        plain = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-        gelu = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
-    except (RuntimeError, AttributeError, TypeError):
-        return False
-    ref = F.linear(x, w, b)
-    return bool(torch.allclose(plain, ref, rtol=1e-5, atol=1e-6)
-                and torch.allclose(gelu, F.gelu(ref), rtol=1e-5, atol=1e-6))
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):  # the first call may come under autocast
+        try:
+            plain = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+            gelu = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
+        except (RuntimeError, AttributeError, TypeError):
+            return False
+        ref = F.linear(x, w, b)
+        return bool(torch.allclose(plain, ref, rtol=1e-5, atol=1e-6)
+                    and torch.allclose(gelu, F.gelu(ref), rtol=1e-5, atol=1e-6))
 
 
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -299,22 +300,30 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     by the exact (erf) GELU if ``gelu``. On the CPU without autograd (inside
     :func:`smt.kernels.attention.reference_paths`: plain ``F.linear``):
 
-    - float32 outside autocast: PyTorch's oneDNN linear (:func:`onednn_linear_available`), bias and GELU fused
-      into the GEMM's epilogue and a contiguous output. Measured here (2 threads, 4096 tokens): 174 -> 348
-      2.9 ms against 3.8 (MKL ``addmm``, which first copies the bias into every output row) and 3.9 padded;
-      348 -> 174 3.0 / 4.7 / 3.7; 180 -> 540 4.3 / 7.4 / 6.5; the fused GELU costs 0.3 ms, where a separate
-      GELU pass costs 0.45 ms or more.
-    - otherwise (bf16 autocast): the output rows padded to a multiple of :func:`gemm_row_multiple` and the
-      padding sliced off (the same dot products; a strided result), which ran such shapes 1.3-2x faster."""
+    - float32 outside autocast, and bfloat16 weights (``bf16-weights``): PyTorch's oneDNN linear
+      (:func:`onednn_linear_available`), bias and GELU fused into the GEMM's epilogue and a contiguous output.
+      Measured here (2 threads, 4096 tokens, fp32): 174 -> 348 2.9 ms against 3.8 (MKL ``addmm``, which first
+      copies the bias into every output row) and 3.9 padded; 348 -> 174 3.0 / 4.7 / 3.7; 180 -> 540 4.3 / 7.4 /
+      6.5; the fused GELU costs 0.3 ms, where a separate GELU pass costs 0.45 ms or more (bf16: 0.3 against
+      1.4-2.2 ms).
+    - otherwise (bf16 autocast over float32 weights): the output rows padded to a multiple of
+      :func:`gemm_row_multiple` and the padding sliced off (the same dot products; a strided result), which ran
+      such shapes 1.3-2x faster."""
     n = weight.shape[0]
     w2 = weight.reshape(n, -1)
     if torch.is_grad_enabled() or not fast_paths_enabled() or x.device.type != "cpu" or weight.is_inference():
         y = F.linear(x, w2, bias)
         return F.gelu(y) if gelu else y
-    if (x.dtype == torch.float32 and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and onednn_linear_available()):
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w2.detach(), bias, "gelu" if gelu else "none",
-                                                  [], "none" if gelu else "")
+    autocast = torch.is_autocast_enabled("cpu")
+    if onednn_linear_available() and (
+            (weight.dtype == torch.float32 and x.dtype == torch.float32 and not autocast)
+            or (weight.dtype == torch.bfloat16 and (x.dtype == torch.bfloat16 or autocast
+                                                    and torch.get_autocast_dtype("cpu") == torch.bfloat16))):
+        # bfloat16 weights (the bf16-weights copy): x and the bias in bf16, as autocast's linear casts them; the
+        # GELU then rounds once to bf16, from the GEMM's float accumulator
+        x, bias = x.to(weight.dtype).contiguous(), None if bias is None else bias.to(weight.dtype)
+        return torch.ops.mkldnn._linear_pointwise(x, w2.detach(), bias, "gelu" if gelu else "none", [],
+                                                  "none" if gelu else "")
     pad = -n % gemm_row_multiple()
     if pad:
         # padded per call, not cached: a long-lived padded copy allocated mid-forward among the activations

@@ -77,7 +77,8 @@ def run_case(case: str, repeats: int) -> dict:
 
 
 def bf16_psnr(params_path: str = "params.yaml") -> None:
-    """Validation PSNR-Y of each trained demo model in fp32 and bf16 (whole images, NTIRE2025 protocol)."""
+    """Validation PSNR-Y of each trained demo model in fp32, bf16 autocast and bf16 weights (whole images,
+    NTIRE2025 protocol)."""
     import torch
 
     from smt.config import load_section
@@ -93,7 +94,8 @@ def bf16_psnr(params_path: str = "params.yaml") -> None:
     last = cfg.schedule()[-1]
     for m in cfg.models:
         net = load_model(exported_weights(cfg, m, *last), cfg.models[m].preset, routing="argmax")
-        scores, secs = {"fp32": [], "bf16": []}, {"fp32": 0.0, "bf16": 0.0}
+        scores = {"fp32": [], "bf16": [], "bf16-weights": []}
+        secs = dict.fromkeys(scores, 0.0)
         for row in read_manifest(data.root, "valid").itertuples():
             lr, hr = read_image(f"{data.root}/{row.lr_path}"), read_image(f"{data.root}/{row.hr_path}")
             x = torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255
@@ -103,9 +105,10 @@ def bf16_psnr(params_path: str = "params.yaml") -> None:
                 secs[p] += time.perf_counter() - t
                 sr = (y[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
                 scores[p].append(evaluate_pair(sr, hr, NTIRE2025)["psnr_y"])
-        f32, b16 = (sum(v) / len(v) for v in scores.values())
-        print(f"{m}: PSNR-Y fp32 {f32:.4f} dB, bf16 {b16:.4f} dB, |diff| {abs(f32 - b16):.4f} dB; "
-              f"time fp32 {secs['fp32']:.1f} s, bf16 {secs['bf16']:.1f} s", flush=True)
+        mean = {p: sum(v) / len(v) for p, v in scores.items()}
+        print(f"{m}: PSNR-Y fp32 {mean['fp32']:.4f} dB; " + "; ".join(
+            f"{p} {mean[p]:.4f} dB, |diff| {abs(mean[p] - mean['fp32']):.4f} dB" for p in ("bf16", "bf16-weights"))
+            + "; time " + ", ".join(f"{p} {t:.1f} s" for p, t in secs.items()), flush=True)
 
 
 def main() -> None:

@@ -144,7 +144,7 @@ def openmp_library() -> ctypes.CDLL | None:
 
 
 def openmp_status() -> str:
-    """Whether the inference scan runs on PyTorch's OpenMP team, and if not why (after :func:`load_library`)."""
+    """Whether float32 scans run on PyTorch's OpenMP team, and if not why (after :func:`load_library`)."""
     return _omp_status
 
 

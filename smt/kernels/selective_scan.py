@@ -86,8 +86,9 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 
 _POOL: ThreadPoolExecutor | None = None
-# the inference forward runs its job ranges on PyTorch's OpenMP team where the library's OpenMP build loads
-# (smt.kernels.cpu_build.openmp_status says whether and why not); False: always on Python threads (tests)
+# float32 scans (the inference forward, training's forward and backward) run their job ranges on PyTorch's
+# OpenMP team where the library's OpenMP build loads (smt.kernels.cpu_build.openmp_status says whether and why
+# not); False: always on Python threads (tests)
 USE_OPENMP = True
 
 

@@ -5,9 +5,9 @@
  * The recurrence runs sequentially along L; SIMD lanes hold W consecutive channels d (which share B and C
  * within a group), so every lane does the same work with no horizontal sums in the forward. A "job" is one
  * (batch, block of W channels); each call runs jobs [job_begin, job_end), and the caller runs disjoint job
- * ranges on its own threads (Python threads: ctypes releases the GIL), except the inference forward's OpenMP
- * driver, which exists only in the library's OpenMP build (SMT_OPENMP) and runs on PyTorch's own libgomp team:
- * a second OpenMP runtime beside PyTorch's would make the two thread pools spin against each other.
+ * ranges on its own threads: Python threads (ctypes releases the GIL), or for float32 the *_omp drivers, which
+ * exist only in the library's OpenMP build (SMT_OPENMP) and run on PyTorch's own libgomp team: a second OpenMP
+ * runtime beside PyTorch's would make the two thread pools spin against each other.
  *
  * Layouts: u, dt: (batch, L, D) with strides (sb, sl, sd); y, dy, du, ddt: contiguous (batch, L, D);
  * A: (D, N); B, C: contiguous (batch, G, L, N) with D/G channels per group. When a block's W channels all lie

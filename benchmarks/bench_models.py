@@ -22,11 +22,16 @@ compared with its speed at that moment. The matmul line at the top is the same m
 (``ru_maxrss``) during the case, each case running in its own subprocess so the peak is its own (taken after
 the fast path's warm-up forward, before the FLOP count and any reference run). The machines are shared: compare
 ratios from one invocation, not absolute times across runs.
+
+Each case process first calls :func:`smt.infer.malloc.keep_freed_memory`, as ``upscale`` and the infer stage do
+(both columns run under it); ``--default-malloc`` keeps malloc's defaults instead, for an A/B of that setting
+across two invocations (it cannot be undone inside one process).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -88,10 +93,12 @@ def run_case(model: str, size: int, precision: str, repeats: int, with_reference
     see the same machine load; peak RSS is taken after the fast path's warm-up, before any reference run."""
     import torch
 
+    from smt.infer.malloc import keep_freed_memory
     from smt.infer.precision import with_precision
     from smt.kernels.attention import reference_paths
     from smt.models import build_model
 
+    keep_freed_memory()  # as upscale and the infer stage do
     torch.manual_seed(0)
     base = rss_mb()
     net = build_model(model).eval()
@@ -154,6 +161,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="also bf16 autocast and bf16 weights (slow on CPUs without native bf16)")
     p.add_argument("--no-reference", action="store_true",
                    help="skip the reference-path runs (smt.kernels.attention.reference_paths) of each case")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep malloc's defaults in the cases (SMT_DEFAULT_MALLOC=1), for an A/B of "
+                        "smt.infer.malloc.keep_freed_memory across two invocations")
     p.add_argument("--case", nargs=5, metavar=("MODEL", "SIZE", "PRECISION", "REPEATS", "WITH_REFERENCE"),
                    help=argparse.SUPPRESS)
     p.add_argument("--matmul", metavar="DTYPE", help=argparse.SUPPRESS)
@@ -173,6 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.bf16 and not feats["native_bf16"]:
         print("warning: this CPU has no native bf16 units (no avx512_bf16/amx_bf16): bf16 is emulated and slow")
     precisions = ["fp32"] + (["bf16", "bf16-weights"] if args.bf16 else [])
+    if args.default_malloc:
+        os.environ["SMT_DEFAULT_MALLOC"] = "1"  # the case subprocesses inherit it
+    from smt.infer.malloc import keep_freed_memory
+
+    print("malloc:", keep_freed_memory())
     peak = {"fp32": _in_subprocess(["--matmul", "float32"])["gflops"]}
     if args.bf16:
         peak["bf16"] = peak["bf16-weights"] = _in_subprocess(["--matmul", "bfloat16"])["gflops"]

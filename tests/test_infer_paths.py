@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import smt.infer.paths as paths
+from smt.infer.malloc import malloc_status
 from smt.infer.paths import describe_paths
 from smt.kernels.attention import reference_paths
 from smt.kernels.cpu_build import load_library, openmp_status
@@ -13,7 +14,8 @@ from smt.models import build_model
 def test_paths_name_the_scan_only_for_models_with_one():
     hat, mamba = build_model("hat_tiny"), build_model("mambairv2_tiny")
     line = describe_paths([hat, mamba], "fp32")
-    assert line.startswith(f"inference paths: cpu, {torch.get_num_threads()} threads; fp32 (the reference")
+    assert line.startswith(f"inference paths: cpu, {torch.get_num_threads()} threads, {malloc_status()}; fp32 (the "
+                           "reference")
     assert "eval fast paths" in line and "attention: SDPA (CPU flash kernel)" in line
     if load_library() is not None:
         threads = "PyTorch's OpenMP threads" if openmp_status().startswith("OpenMP") else "Python threads"

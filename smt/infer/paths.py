@@ -12,6 +12,7 @@ from typing import Iterable
 
 import torch
 
+from smt.infer.malloc import malloc_status
 from smt.infer.precision import Precision, cpu_has_native_bf16
 from smt.kernels.attention import fast_paths_enabled
 
@@ -35,11 +36,12 @@ def _scan_path(device: torch.device) -> str:
 
 
 def describe_paths(nets: Iterable[torch.nn.Module], precision: Precision) -> str:
-    """One line: the device and threads, the precision, whether the inference fast paths are on, the attention
+    """One line: the device and threads (and on CPU :func:`smt.infer.malloc.malloc_status`), the precision, whether the inference fast paths are on, the attention
     kernel and (for models with a selective scan) the scan's implementation."""
     nets = list(nets)
     device = next(nets[0].parameters()).device
-    parts = [f"{device.type}" + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else "")]
+    parts = [f"{device.type}" + (f", {torch.get_num_threads()} threads, {malloc_status()}" if device.type == "cpu"
+                                 else "")]
     if precision == "fp32":
         parts.append("fp32 (the reference precision)")
     else:

@@ -34,6 +34,7 @@ from smt.data.manifest import has_hr, read_manifest
 from smt.distributed import barrier, device_for, dist_info, init_process_group, torchrun
 from smt.infer.ensemble import multi_window, self_ensemble
 from smt.infer.fusion import ShardedFit, fuse
+from smt.infer.malloc import keep_freed_memory
 from smt.infer.paths import describe_paths
 from smt.infer.precision import with_precision
 from smt.infer.tiling import tiled_forward
@@ -175,6 +176,8 @@ def run_inference(infer_cfg: InferConfig, train_cfg: TrainConfig, data_cfg: Data
                                    *(["--timings", str(timings_path)] if timings_path else [])], infer_cfg.nnodes)
         return _read_results(results_dir, timings_path)
     device = device_for(infer_cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     init_process_group(device)
     scratch = results_dir / ".fusion_inputs"  # each process's float outputs, for its share of the fused images
     if rank == 0 and scratch.exists():

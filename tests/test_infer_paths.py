@@ -38,3 +38,12 @@ def test_paths_say_when_the_reference_paths_or_a_forced_scan_run():
 def test_paths_warn_when_bf16_is_emulated(monkeypatch, native, words):
     monkeypatch.setattr(paths, "cpu_has_native_bf16", lambda: native)
     assert f"bf16-weights ({words})" in describe_paths([build_model("hat_tiny")], "bf16-weights")
+
+
+def test_paths_name_the_bf16_attention_kernel_where_it_runs(monkeypatch):
+    hat = build_model("hat_tiny")
+    monkeypatch.setattr(paths, "cpu_bf16_attention_available", lambda: True)
+    assert "attention: C kernel with AVX-512 BF16 dot products" in describe_paths([hat], "bf16")
+    assert "attention: SDPA (CPU flash kernel)" in describe_paths([hat], "fp32")
+    monkeypatch.setattr(paths, "cpu_bf16_attention_available", lambda: False)
+    assert "attention: SDPA (CPU flash kernel)" in describe_paths([hat], "bf16-weights")

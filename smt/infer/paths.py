@@ -14,7 +14,7 @@ import torch
 
 from smt.infer.malloc import malloc_status
 from smt.infer.precision import Precision, cpu_has_native_bf16
-from smt.kernels.attention import fast_paths_enabled
+from smt.kernels.attention import cpu_bf16_attention_available, fast_paths_enabled
 
 __all__ = ["describe_paths"]
 
@@ -57,8 +57,12 @@ def describe_paths(nets: Iterable[torch.nn.Module], precision: Precision) -> str
     parts.append(f"eval fast paths (ordered windows, {gemm}; each tested equal to its reference)")
     impls = {getattr(n, "attn_impl", None) for n in nets} - {None}
     if impls:
-        kernel = ("SDPA, heads zero-padded to a multiple of 8" if device.type == "cuda"
-                  else "SDPA (CPU flash kernel), heads zero-padded to a multiple of 16")
+        if device.type == "cuda":
+            kernel = "SDPA, heads zero-padded to a multiple of 8"
+        elif precision != "fp32" and cpu_bf16_attention_available():
+            kernel = "C kernel with AVX-512 BF16 dot products and float32 scores (bf16 q, k, v)"
+        else:
+            kernel = "SDPA (CPU flash kernel), heads zero-padded to a multiple of 16"
         parts.append("attention: " + ", ".join(sorted(kernel if i == "sdpa" else "plain matmul + softmax"
                                                       for i in impls)))
     from smt.models.mambairv2 import Selective_Scan

@@ -1,6 +1,7 @@
-"""Build and load the C selective-scan kernel (``csrc/selective_scan.c``) at first use.
+"""Build and load the C kernels (``csrc/selective_scan.c``, and ``csrc/window_attention.c``: bf16 window
+attention) at first use, as one library.
 
-The source is compiled with the system C compiler (``$CC``, default ``cc``) into a shared library
+The sources are compiled with the system C compiler (``$CC``, default ``cc``) into a shared library
 cached under ``$SMT_CACHE_DIR`` (default ``~/.cache/smt``), keyed by the source, the flags and this CPU's
 feature flags (``-march=native``, which also sets the kernel's vector width: 16 floats where the compiler
 reports AVX-512F, else 8), so a cache shared across different CPUs never runs a foreign binary. A
@@ -21,10 +22,12 @@ from pathlib import Path
 
 from smt.files import atomic_path
 
-__all__ = ["load_library", "SOURCE", "build_error", "openmp_library", "openmp_status"]
+__all__ = ["load_library", "SOURCES", "build_error", "openmp_library", "openmp_status"]
 
-SOURCE = Path(__file__).parent / "csrc" / "selective_scan.c"
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("selective_scan.c", "window_attention.c"))
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
+# attn_bf16's arguments up to its task range: q, k, v, bias, o; heads, n, m, D; scale; 15 strides
+_ATTN_ARGS = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 4 + [ctypes.c_float] + [ctypes.c_long] * 15
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
@@ -49,9 +52,10 @@ def _cache_dir() -> Path:
 
 def _build(target: Path, cc: str, flags: list[str]) -> None:
     with atomic_path(target) as tmp:  # atomic: concurrent builders never load a torn file
-        res = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
+        res = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", str(tmp), "-lm"], capture_output=True,
+                             text=True)
         if res.returncode != 0:
-            raise RuntimeError(f"{cc} failed to build {SOURCE.name}:\n{res.stderr[-2000:]}")
+            raise RuntimeError(f"{cc} failed to build {', '.join(p.name for p in SOURCES)}:\n{res.stderr[-2000:]}")
 
 
 def load_library() -> ctypes.CDLL | None:
@@ -82,14 +86,17 @@ def load_library() -> ctypes.CDLL | None:
         lib.scan_fwd_fused_f32.restype = ctypes.c_int
         lib.scan_max_state.restype = ctypes.c_int
         lib.scan_block_width.restype = ctypes.c_int
+        lib.attn_bf16.argtypes = _ATTN_ARGS + [ctypes.c_long] * 2
+        lib.attn_bf16.restype = ctypes.c_int
         _lib = lib
         _load_openmp(cc)
         return lib
 
 
 def _built(cc: str, flags: list[str]) -> Path:
-    """The library built from SOURCE with ``flags`` for this CPU (cached)."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_key().encode()).hexdigest()[:16]
+    """The library built from SOURCES with ``flags`` for this CPU (cached)."""
+    sources = b"".join(p.read_bytes() for p in SOURCES)
+    key = hashlib.sha256(sources + " ".join(flags).encode() + _cpu_key().encode()).hexdigest()[:16]
     target = _cache_dir() / f"selective_scan_{key}.so"
     if not target.exists():
         _build(target, cc, flags)
@@ -134,6 +141,8 @@ def _load_openmp(cc: str) -> None:
     lib.scan_fwd_fused_f32_omp.restype = ctypes.c_int
     lib.scan_fwd_f32_omp.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 9 + [ctypes.c_int]
     lib.scan_bwd_f32_omp.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_long] * 9 + [ctypes.c_int]
+    lib.attn_bf16_omp.argtypes = _ATTN_ARGS + [ctypes.c_long, ctypes.c_int]
+    lib.attn_bf16_omp.restype = ctypes.c_int
     _omp_lib, _omp_status = lib, f"OpenMP on PyTorch's libgomp ({next(iter(before))})"
 
 

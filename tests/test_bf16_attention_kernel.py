@@ -1,7 +1,8 @@
 """The bf16 window-attention C kernel (``smt/kernels/csrc/window_attention.c``, through
 ``smt.kernels.attention.window_attention``): equal to float32 attention of the same bf16 inputs within bf16's
 rounding of p and of the output, never worse than PyTorch's bf16 SDPA; every shape class (rows not a multiple
-of the 4-row tile, odd key counts, key counts past the 64-key tile, heads 16 to 64 wide and padded ones), strided
+of the 4-row tile, odd key counts, key counts past the 64-key tile, heads 16 to 64 wide, even widths that are
+not a multiple of 16), strided
 and broadcast inputs, the shifted-window mask; whole models in bf16 equal to the SDPA path; and the dispatch
 (bf16 inference on a CPU with AVX-512 BF16 only)."""
 import pytest
@@ -34,7 +35,8 @@ def _inputs(b, h, n, m, d, seed=0):
 
 @needs_kernel
 @pytest.mark.parametrize("b,h,n,m,d", [(2, 3, 256, 256, 32), (2, 2, 64, 144, 32), (3, 2, 7, 9, 16),
-                                       (2, 3, 13, 37, 48), (2, 2, 5, 33, 64), (1, 2, 6, 70, 30), (1, 1, 1, 1, 16)])
+                                       (2, 3, 13, 37, 48), (2, 2, 5, 33, 64), (1, 2, 6, 70, 30), (1, 1, 1, 1, 16),
+                                       (2, 6, 64, 576, 30), (1, 2, 9, 17, 18)])
 def test_kernel_equals_float32_attention_within_bf16_rounding(b, h, n, m, d):
     q, k, v, bias = _inputs(b, h, n, m, d)
     with torch.no_grad():
@@ -82,6 +84,7 @@ def test_kernel_runs_only_for_bf16_inference(monkeypatch):
             window_attention(q, k, v, bias, 0.25)
         window_attention(q, k, v, bias.bfloat16(), 0.25, "reference")
         window_attention(*(F.pad(t, (0, 64)) for t in (q, k, v)), bias, 0.25)  # heads over 64 wide: SDPA
+        window_attention(*(F.pad(t, (0, 1)) for t in (q, k, v)), bias, 0.25)  # odd width (no pairs): SDPA
     window_attention(q.requires_grad_(), k, v, bias, 0.25)  # autograd: SDPA
     assert len(calls) == 1
 

@@ -240,6 +240,30 @@ def test_head_padded_qkv_puts_each_head_s_columns_first_and_zeros_after(bias):
     assert torch.count_nonzero(heads[..., d:]) == 0
 
 
+@pytest.mark.parametrize("kernel", [True, False])
+def test_head_padded_qkv_pads_bf16_heads_to_even_width_for_the_attention_kernel(monkeypatch, kernel):
+    """bf16 (weights, or autocast) with the bf16 attention kernel: 9-wide heads padded to 10 (its pairs), not 16;
+    without the kernel, to CPU_HEAD_MULTIPLE for PyTorch's flash attention."""
+    import smt.models.common as common
+
+    monkeypatch.setattr(common, "cpu_bf16_attention_available", lambda: kernel)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(12, 81)
+    x = torch.randn(2, 5, 12)
+    want = 10 if kernel else CPU_HEAD_MULTIPLE
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto, d = head_padded_qkv(x, lin, num_heads=3)
+        weights, _ = head_padded_qkv(x.bfloat16(), lin.bfloat16(), num_heads=3)
+        fp32, _ = head_padded_qkv(x, lin.float(), num_heads=3)
+    assert auto.shape[-1] == weights.shape[-1] == 9 * want and fp32.shape[-1] == 9 * CPU_HEAD_MULTIPLE
+    ref = lin(x).view(2, 5, 9, d)
+    for got in (auto, weights):
+        heads = got.view(2, 5, 9, want).float()
+        torch.testing.assert_close(heads[..., :d], ref, rtol=2e-2, atol=2e-2)
+        assert torch.count_nonzero(heads[..., d:]) == 0
+
+
 def test_fast_linear_state_dict_is_nn_linear_s():
     a, b = torch.nn.Linear(6, 9), FastLinear(6, 9)
     assert a.state_dict().keys() == b.state_dict().keys()

@@ -98,12 +98,13 @@ def cpu_bf16_attention_available() -> bool:
     return lib is not None and openmp_library() is not None and bool(lib.attn_bf16_available())
 
 
-KERNEL_MAX_HEAD = 64  # csrc/window_attention.c: head dimension a multiple of 16, at most 64
+KERNEL_MAX_HEAD = 64  # csrc/window_attention.c: head dimension even and at most 64
 
 
 def _bf16_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    d = q.shape[-1]
     return (_fast_paths and q.device.type == "cpu" and q.dim() == 4
-            and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.shape[-1] <= KERNEL_MAX_HEAD
+            and q.dtype == k.dtype == v.dtype == torch.bfloat16 and d <= KERNEL_MAX_HEAD and d % 2 == 0
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
             and cpu_bf16_attention_available())
 
@@ -111,23 +112,20 @@ def _bf16_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> b
 def _cpu_bf16_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                         scale: float) -> torch.Tensor:
     """:func:`window_attention` of bf16 (B, H, N, D) q and (B, H, M, D) k, v by the C kernel, on PyTorch's OpenMP
-    threads: bf16 output. Heads are zero-padded to a multiple of 16 (exact, as in :func:`_sdpa`); the bias is
-    read in float32, broadcast by stride."""
+    threads: bf16 output. The bias is read in float32, broadcast by stride."""
     from smt.kernels.cpu_build import openmp_library
 
-    d = q.shape[-1]
-    pad = -d % 16
-    q, k, v = (F.pad(t, (0, pad)) if pad else t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    b, h, n, dim = q.shape
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    b, h, n, d = q.shape
     m = k.shape[-2]
     bias = q.new_zeros((1, 1, 1, m), dtype=torch.float32) if bias is None else bias.float()
     bias = (bias if bias.stride(-1) == 1 else bias.contiguous()).expand(b, h, n, m)
-    out = torch.empty((b, h, n, dim), dtype=torch.bfloat16)
+    out = torch.empty((b, h, n, d), dtype=torch.bfloat16)
     status = openmp_library().attn_bf16_omp(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), bias.data_ptr(), out.data_ptr(), h, n, m, dim, scale,
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), bias.data_ptr(), out.data_ptr(), h, n, m, d, scale,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bias.stride()[:3], *out.stride()[:3], b * h,
         torch.get_num_threads())
     if status:
         raise MemoryError("window attention kernel: out of memory for its scratch buffers") if status == -1 else \
-            RuntimeError(f"window attention kernel refused (D={dim}): status {status}")
-    return out[..., :d] if pad else out
+            RuntimeError(f"window attention kernel refused (D={d}): status {status}")
+    return out

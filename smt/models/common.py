@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from smt.kernels.attention import fast_paths_enabled
+from smt.kernels.attention import cpu_bf16_attention_available, fast_paths_enabled
 
 __all__ = ["SRHeads", "AuxHead", "window_partition", "window_reverse", "relative_position_index",
            "overlap_relative_position_index", "shifted_window_mask", "shift_region_masks", "relative_position_bias",
@@ -234,18 +234,28 @@ def inference_fast_path(module: nn.Module) -> bool:
     return not (module.training or torch.is_grad_enabled()) and fast_paths_enabled()
 
 
-CPU_HEAD_MULTIPLE = 16  # head_padded_qkv zero-pads CPU head dims to a multiple of this (1: off)
+CPU_HEAD_MULTIPLE = 16  # head_padded_qkv zero-pads CPU head dims to a multiple of this (1: off) ...
+BF16_KERNEL_HEAD_MULTIPLE = 2  # ... or of this where bf16 attention runs the C kernel (its bf16 pairs)
+
+
+def _cpu_head_multiple(weight: torch.Tensor) -> int:
+    bf16 = weight.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                              and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    return BF16_KERNEL_HEAD_MULTIPLE if bf16 and cpu_bf16_attention_available() else CPU_HEAD_MULTIPLE
 
 
 def head_padded_qkv(x: torch.Tensor, qkv: nn.Linear, num_heads: int) -> tuple[torch.Tensor, int]:
     """``qkv(x)`` (``(..., 3 * num_heads * d)``, q, k, v each split in heads of width d) and d, with each head
-    zero-padded on the CPU to a multiple of :data:`CPU_HEAD_MULTIPLE` for :func:`attend_ordered_windows`
-    (HAT-L's and MambaIRv2-L's heads are 30 and 29 wide): PyTorch's CPU flash attention ran (16, 6, 256, 32)
-    10% (fp32) to 17% (bf16) faster than (16, 6, 256, 30). The padding is put into a per-call copy of the
-    weight's rows and the bias (zero rows, zero bias), so the GEMM writes the padded layout itself: each
-    output column is the same dot product as in ``qkv(x)``, with no copy of the activations."""
+    zero-padded on the CPU for :func:`attend_ordered_windows` (HAT-L's and MambaIRv2-L's heads are 30 and 29
+    wide): to a multiple of :data:`CPU_HEAD_MULTIPLE` for PyTorch's CPU flash attention, which ran
+    (16, 6, 256, 32) 10% (fp32) to 17% (bf16) faster than (16, 6, 256, 30); to an even width only
+    (:data:`BF16_KERNEL_HEAD_MULTIPLE`) where bf16 attention runs the C kernel
+    (:func:`smt.kernels.attention.cpu_bf16_attention_available`), which takes any even width up to 64 and does
+    no work for padding it is not given. The padding is put into a per-call copy of the weight's rows and the
+    bias (zero rows, zero bias), so the GEMM writes the padded layout itself: each output column is the same dot
+    product as in ``qkv(x)``, with no copy of the activations."""
     d = qkv.weight.shape[0] // (3 * num_heads)
-    pad = -d % CPU_HEAD_MULTIPLE if x.device.type == "cpu" else 0
+    pad = -d % _cpu_head_multiple(qkv.weight) if x.device.type == "cpu" else 0
     if not pad:
         return qkv(x), d
     w = F.pad(qkv.weight.detach().view(3 * num_heads, d, -1), (0, 0, 0, pad)).flatten(0, 1)

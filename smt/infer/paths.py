@@ -2,9 +2,10 @@
 the infer stage logs it).
 
 Nothing here chooses: the models take their fastest tested path on their own (the eval-mode fast paths of
-:mod:`smt.models`, each tested equal to its reference; SDPA attention; the compiled selective scan, on
-PyTorch's OpenMP threads where it can), and the precision is the run's (fp32 unless asked). This module says
-which of them this machine gets, and why where one is missing (no C compiler, no native bf16).
+:mod:`smt.models`, each tested equal to its reference; SDPA attention, or the C kernel for bf16 on CPUs with
+AVX-512 BF16; the compiled selective scan, on PyTorch's OpenMP threads where it can), and the precision is the
+run's (fp32 unless asked). This module says which of them this machine gets, and why where one is missing (no C
+compiler, no native bf16).
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ def _scan_path(device: torch.device) -> str:
 
 
 def describe_paths(nets: Iterable[torch.nn.Module], precision: Precision) -> str:
-    """One line: the device and threads (and on CPU :func:`smt.infer.malloc.malloc_status`), the precision, whether the inference fast paths are on, the attention
-    kernel and (for models with a selective scan) the scan's implementation."""
+    """One line: the device and threads (on the CPU also :func:`smt.infer.malloc.malloc_status`), the precision,
+    whether the inference fast paths are on, the attention kernel and (for models with a selective scan) the
+    scan's implementation."""
     nets = list(nets)
     device = next(nets[0].parameters()).device
     parts = [f"{device.type}" + (f", {torch.get_num_threads()} threads, {malloc_status()}" if device.type == "cpu"

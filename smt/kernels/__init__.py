@@ -1,7 +1,8 @@
 """Kernels behind one function each, with a reference implementation beside every fast path.
 
 - :func:`window_attention`: multi-head attention with an additive bias (relative position, shifted-window
-  mask), plain matmul-softmax reference or ``scaled_dot_product_attention``.
+  mask), plain matmul-softmax reference or ``scaled_dot_product_attention`` (bf16 inference on a CPU with
+  AVX-512 BF16: the C kernel ``csrc/window_attention.c``).
 - :func:`selective_scan`: mamba_ssm's selective scan (reference loop; fast paths in ``selective_scan``).
 """
 from smt.kernels.attention import window_attention

@@ -14,7 +14,7 @@ from smt.kernels.attention import reference_paths
 from smt.models import HAT, MambaIRv2
 from smt.models.common import (CPU_HEAD_MULTIPLE, FastLinear, fast_linear, gemm_row_multiple, head_padded_qkv,
                                onednn_linear_available)
-from smt.models.mambairv2 import ASSM, _exponential_from_bits, _standard_exponential_like
+from smt.models.mambairv2 import ASSM, _exponential_from_neg_uniform, _standard_exponential_like
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -59,10 +59,18 @@ def test_assm_gumbel_fast_path_consumes_the_generator_like_the_reference():
         assert torch.equal(torch.rand(4), after_ref)
 
 
+@pytest.mark.parametrize("bulk", [True, False], ids=["bulk-draws", "random_-draws"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_standard_exponential_equals_exponential_and_leaves_the_same_generator_state(dtype):
+def test_standard_exponential_equals_exponential_and_leaves_the_same_generator_state(dtype, bulk, monkeypatch):
     """float32, and the bf16 autocast's bfloat16 logits (drawn in float32 and rounded, as PyTorch's serial
-    kernel does): the same bits, the same generator state after."""
+    kernel does): the same bits, the same generator state after; with the C library's bulk draws and with
+    PyTorch's ``random_`` (where the library does not run)."""
+    import smt.models.mambairv2 as m
+
+    if bulk:
+        assert m.neg_uniform53(1) is not None  # the C draws run here
+    else:
+        monkeypatch.setattr(m, "neg_uniform53", lambda n: None)
     x = torch.empty(16, 4096, 32, dtype=dtype)
     torch.manual_seed(11)
     ref = torch.empty_like(x).exponential_()
@@ -73,7 +81,7 @@ def test_standard_exponential_equals_exponential_and_leaves_the_same_generator_s
     assert torch.equal(torch.rand(4), after_ref)
 
 
-def test_exponential_from_bits_rounds_like_the_scalar_log1p_next_to_float_half_way_points():
+def test_exponential_from_neg_uniform_rounds_like_the_scalar_log1p_next_to_float_half_way_points():
     # bits whose -log1p(-u) lies next to the half way between two floats, where a vectorised log1p an ulp off
     # would round the other way: the result must be the scalar C library's value, rounded once to float
     bits, near = [], 0
@@ -87,7 +95,7 @@ def test_exponential_from_bits_rounds_like_the_scalar_log1p_next_to_float_half_w
             low = struct.unpack("<q", struct.pack("<d", e))[0] & ((1 << 29) - 1)
             near += abs(low - (1 << 28)) <= 16
     assert near > 0  # the recomputed branch is exercised
-    got = _exponential_from_bits(torch.tensor(bits, dtype=torch.int64))
+    got = _exponential_from_neg_uniform(torch.tensor([-b * 2.0 ** -53 for b in bits], dtype=torch.float64))
     ref = torch.tensor([np.float32(-math.log1p(-b * 2.0 ** -53)) for b in bits])
     assert torch.equal(got, ref)
 

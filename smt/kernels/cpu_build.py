@@ -1,5 +1,5 @@
-"""Build and load the C kernels (``csrc/selective_scan.c``, and ``csrc/window_attention.c``: bf16 window
-attention) at first use, as one library.
+"""Build and load the C kernels (``csrc/selective_scan.c``; ``csrc/window_attention.c``: bf16 window attention;
+``csrc/mt19937.c``: PyTorch's CPU generator stepped in bulk) at first use, as one library.
 
 The sources are compiled with the system C compiler (``$CC``, default ``cc``) into a shared library
 cached under ``$SMT_CACHE_DIR`` (default ``~/.cache/smt``), keyed by the source, the flags and this CPU's
@@ -24,9 +24,10 @@ from smt.files import atomic_path
 
 __all__ = ["load_library", "SOURCES", "build_error", "openmp_library", "openmp_status"]
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("selective_scan.c", "window_attention.c"))
+SOURCES = tuple(Path(__file__).parent / "csrc" / name
+                for name in ("selective_scan.c", "window_attention.c", "mt19937.c"))
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
-# attn_bf16's arguments up to its task range: q, k, v, bias, o; heads, n, m, D; scale; 15 strides
+# attn_bf16_omp's arguments up to its task count: q, k, v, bias, o; heads, n, m, D; scale; 15 strides
 _ATTN_ARGS = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 4 + [ctypes.c_float] + [ctypes.c_long] * 15
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -86,8 +87,8 @@ def load_library() -> ctypes.CDLL | None:
         lib.scan_fwd_fused_f32.restype = ctypes.c_int
         lib.scan_max_state.restype = ctypes.c_int
         lib.scan_block_width.restype = ctypes.c_int
-        lib.attn_bf16.argtypes = _ATTN_ARGS + [ctypes.c_long] * 2
-        lib.attn_bf16.restype = ctypes.c_int
+        lib.mt_neg_uniform53.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_void_p]
+        lib.mt_neg_uniform53.restype = ctypes.c_int
         _lib = lib
         _load_openmp(cc)
         return lib
@@ -97,7 +98,7 @@ def _built(cc: str, flags: list[str]) -> Path:
     """The library built from SOURCES with ``flags`` for this CPU (cached)."""
     sources = b"".join(p.read_bytes() for p in SOURCES)
     key = hashlib.sha256(sources + " ".join(flags).encode() + _cpu_key().encode()).hexdigest()[:16]
-    target = _cache_dir() / f"selective_scan_{key}.so"
+    target = _cache_dir() / f"kernels_{key}.so"
     if not target.exists():
         _build(target, cc, flags)
     return target

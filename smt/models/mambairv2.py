@@ -34,6 +34,7 @@ import torch.utils.checkpoint as cp
 from einops import rearrange
 
 from smt.kernels.attention import AttentionImpl, window_attention
+from smt.kernels.cpu_generator import neg_uniform53, neg_uniform53_reference
 from smt.kernels.selective_scan import ScanImpl, scan_reads_rows, selective_scan, selective_scan_rows
 from smt.models.common import (FastLinear, RelativeBiasCache, SRHeads, WindowOrder,
                                attend_ordered_windows, attend_windows, head_padded_qkv, inference_fast_path,
@@ -192,40 +193,40 @@ class Selective_Scan(nn.Module):  # noqa: N801 - official module name
         return y.transpose(1, 2)
 
 
-_MANTISSA_53 = (1 << 53) - 1
-
-
 def _standard_exponential_like(t: torch.Tensor) -> torch.Tensor:
     """``torch.empty_like(t).exponential_()`` (contiguous): the same values and the same generator state, faster
     for float32, bfloat16 and float16 CPU tensors; other tensors draw with ``exponential_`` itself.
 
     PyTorch's CPU ``exponential_`` is a serial loop that per element draws ``random64()`` from the global
     generator and returns ``float(-log1p(-u))`` with ``u = (bits & (2**53 - 1)) * 2**-53`` (double). Here the
-    bits come from ``random_()`` on int64 (the same serial ``random64()`` per element, 5x faster) and the
-    transform runs vectorised. The vectorised double ``log1p`` may differ from the scalar one by an ulp or two,
-    which changes the float result only where the double lies next to a float rounding boundary (the 29 bits
-    that the float cast drops are within 16 of half way): those few elements (about one in 16M) are recomputed
-    with the C library's scalar ``log1p`` (Python's ``math.log1p``). For bfloat16 and float16 the serial kernel
-    casts the same double to the type, through float (c10's constructors round a float): float32 values
-    rounded to the type (the bf16 autocast's route logits; before, this draw was 19% of MambaIRv2-L's bf16
-    forward)."""
+    draws come in bulk (:func:`smt.kernels.cpu_generator.neg_uniform53`: MT19937 in C, 8x faster than the
+    serial loop; where it does not run, ``random_()`` on int64, the same serial ``random64()`` per element,
+    5x faster than ``exponential_``) and the transform runs vectorised. The vectorised double ``log1p`` may
+    differ from the scalar one by an ulp or two, which changes the float result only where the double lies next
+    to a float rounding boundary (the 29 bits that the float cast drops are within 16 of half way): those few
+    elements (about one in 16M) are recomputed with the C library's scalar ``log1p`` (Python's
+    ``math.log1p``). For bfloat16 and float16 the serial kernel casts the same double to the type, through
+    float (c10's constructors round a float): float32 values rounded to the type (the bf16 autocast's route
+    logits; before, this draw was 19% of MambaIRv2-L's bf16 forward)."""
     if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return torch.empty_like(t, memory_format=torch.legacy_contiguous_format).exponential_()
-    # random_() keeps the low 63 bits of each random64(): enough
-    return _exponential_from_bits(torch.empty(t.shape, dtype=torch.int64).random_()).to(t.dtype)
+    neg_u = neg_uniform53(t.numel())
+    if neg_u is None:
+        neg_u = neg_uniform53_reference(t.numel())
+    return _exponential_from_neg_uniform(neg_u).view(t.shape).to(t.dtype)
 
 
-def _exponential_from_bits(bits: torch.Tensor) -> torch.Tensor:
-    """float32 ``-log1p(-u)``, ``u = (bits & (2**53 - 1)) * 2**-53`` in double, rounded as the scalar C library
-    computation rounds (see :func:`_standard_exponential_like`)."""
-    e = (bits & _MANTISSA_53).double().mul_(-(2.0 ** -53)).log1p_().neg_()
+def _exponential_from_neg_uniform(neg_u: torch.Tensor) -> torch.Tensor:
+    """float32 ``-log1p(-u)`` from float64 ``-u`` (``u`` a multiple of 2**-53 in [0, 1)), rounded as the scalar
+    C library computation rounds (see :func:`_standard_exponential_like`)."""
+    e = torch.log1p(neg_u).neg_()
     out = e.float()
     # (low 29 bits - (half way - 16)) mod 2**29 <= 32; e is positive and far from float's subnormal range
     unsure = e.view(torch.int64).sub_((1 << 28) - 16).bitwise_and_((1 << 29) - 1).le_(32)
     if unsure.any():
-        flat_out, flat_bits = out.view(-1), bits.view(-1)
+        flat_out, flat_neg_u = out.view(-1), neg_u.view(-1)
         for i in unsure.view(-1).nonzero().view(-1).tolist():
-            flat_out[i] = -math.log1p(-(int(flat_bits[i]) & _MANTISSA_53) * 2.0 ** -53)
+            flat_out[i] = -math.log1p(float(flat_neg_u[i]))
     return out
 
 

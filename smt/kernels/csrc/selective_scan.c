@@ -152,6 +152,39 @@ static inline vw vexp(vw x) {
     return p * (vw)((ki - 1) << 23);  /* (k + 127) << 23 is 2^k */
 }
 
+/* 2^x of W floats: the inference forward's exp(dt A) as 2^(dt A log2(e)), A pre-multiplied by log2(e). x = k + f,
+ * k = x rounded to nearest, |f| <= 1/2; 2^f = exp(f ln2) by its degree-6 Taylor polynomial (relative error
+ * 1.2e-7 at |f| = 1/2, falling to float rounding near f = 0, where the slowly decaying states are), times 2^k.
+ * Inputs are clamped to [-126, 126] (2^-126 = 1.2e-38 stands in for smaller values, as in vexp). Cheaper than
+ * vexp: no Cody-Waite steps, one polynomial term less; with AVX-512F the rounding and the 2^k are one
+ * instruction each. Both branches compute the same values (round to nearest even; 2^k is exact). */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+static inline vw vexp2(vw x) {
+#if defined(__AVX512F__) && W == 16
+    __m512 v = _mm512_min_ps(_mm512_max_ps((__m512)x, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f));
+    __m512 k = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vw f = (vw)_mm512_sub_ps(v, k);
+#else
+    x = vsel(x < -126.0f, vsplat(-126.0f), x);
+    x = vsel(x > 126.0f, vsplat(126.0f), x);
+    vw k = (x + 12582912.0f) - 12582912.0f; /* + 1.5 * 2^23 rounds to an integer, to nearest even */
+    vw f = x - k;
+#endif
+    vw p = f * 1.5403530393381609e-4f + 1.3333558146428443e-3f; /* ln2^i / i!, i = 6 .. 0 */
+    p = p * f + 9.6181291076284772e-3f;
+    p = p * f + 5.5504108664821580e-2f;
+    p = p * f + 2.4022650695910071e-1f;
+    p = p * f + 6.9314718055994531e-1f;
+    p = p * f + 1.0f;
+#if defined(__AVX512F__) && W == 16
+    return (vw)_mm512_scalef_ps((__m512)p, k);
+#else
+    return p * (vw)((__builtin_convertvector(k, vwi) + 127) << 23);
+#endif
+}
+
 /* W channels starting at p, `stride` elements apart (1 for channel-last tensors: one vector load). */
 static inline vw vload(const float *p, long stride, long nw) {
     vw v;
@@ -273,7 +306,7 @@ static inline void vstore_strided(float *p, long stride, vw v, long nw) {
 /* One job (channel block) of scan_fwd_fused_f32: where it reads and writes, its constants, and its state
  * between chunks of steps. */
 typedef struct {
-    vw a[MAXN], h[MAXN], bias, dskip;
+    vw a[MAXN], h[MAXN], bias, dskip;  /* a: A times log2(e) (see vexp2) */
     const float *u, *delta, *z, *B, *C;  /* at step 0 of this block (B, C: lane 0's group when shared) */
     const long *rows;                    /* this batch's rows in step order, or NULL (row l = step l) */
     float *y;
@@ -306,12 +339,12 @@ static inline __attribute__((always_inline)) void fused_steps(
             const float *Bl = jb->B + r * bl, *Cl = jb->C + l * cl;
 #pragma GCC unroll 16
             for (long n = 0; n < N; ++n) {
-                h[n] = vexp(dtv * jb->a[n]) * h[n] + xv * Bl[n * bn];
+                h[n] = vexp2(dtv * jb->a[n]) * h[n] + xv * Bl[n * bn];
                 acc += Cl[n * cn] * h[n];
             }
         } else {
             for (long n = 0; n < N; ++n) {
-                h[n] = vexp(dtv * jb->a[n]) * h[n] + xv * vgather(B, jb->boff, n * bn + r * bl);
+                h[n] = vexp2(dtv * jb->a[n]) * h[n] + xv * vgather(B, jb->boff, n * bn + r * bl);
                 acc += vgather(C, jb->coff, n * cn + l * cl) * h[n];
             }
         }
@@ -379,7 +412,10 @@ int scan_fwd_fused_f32(const float *u, const float *delta, const float *bias, in
         jb->bias = bias ? vload(bias + d0, 1, nw) : (vw){0};
         jb->dskip = Dskip ? vload(Dskip + d0, 1, nw) : (vw){0};
         load_a(A, d0, nw, N, jb->a);
-        for (long n = 0; n < N; ++n) jb->h[n] = (vw){0};
+        for (long n = 0; n < N; ++n) {
+            jb->a[n] *= 1.44269504088896341f; /* log2(e): the steps take exp(dt A) as 2^(dt A log2(e)) */
+            jb->h[n] = (vw){0};
+        }
     }
     void (*steps)(FUSED_STEPS_ARGS) = N == 16 ? fused_steps_n16 : N == 8 ? fused_steps_n8 : fused_steps_any;
     for (long l0 = 0; l0 < L; l0 += FUSED_CHUNK) {

@@ -12,7 +12,9 @@
  * Both products use VDPBF16PS, pairs of bf16 products summed into float32 lanes. A task is one (batch, head):
  * its keys are packed in pairs along the head dimension (kp[dp][j] holds k[j][2dp], k[j][2dp+1]) and its values
  * in pairs along the keys (vp[jp][d] holds v[2jp][d], v[2jp+1][d]), so every product step is one broadcast and
- * one vector load. Queries run 4 rows at a time through both products, their scores in an L1-sized buffer.
+ * one vector load. Queries run 4 rows at a time through both products, their scores in an L1-sized buffer, where
+ * the softmax takes them in log2 units ((scale q.k + bias) log2(e), max subtracted, then 2^x: the same
+ * probabilities, with a cheaper exponential).
  * q . k and p v accumulate in float32; the scores, bias, max, exp and sum are float32; only p is rounded to bf16
  * (to nearest even) for the second product, as PyTorch's bf16 flash kernel does; the output is normalised in
  * float32, then rounded to bf16.
@@ -44,49 +46,21 @@ static inline __mmask16 tail16(long left) {
     return left >= 16 ? (__mmask16)0xFFFF : left > 0 ? (__mmask16)((1u << left) - 1) : (__mmask16)0;
 }
 
-/* exp(x) for x <= 0 (scores minus their row maximum): x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-6
- * Taylor polynomial (relative error < 2e-7), times 2^n by scalef. Below -87 (exp < 1.7e-38) it returns about
- * 1e-38 instead of a subnormal: negligible against the row's sum, which is at least 1. */
-static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145751953125f), x); /* ln2 split in two parts */
-    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+/* 2^x for x <= 0 (scores in log2 units minus their row maximum): x = n + f, n = x rounded to nearest,
+ * |f| <= 1/2; 2^f = exp(f ln2) by its degree-5 Taylor polynomial (relative error < 2.4e-6, a thousandth of
+ * the bf16 rounding p gets next), times 2^n by scalef. Below -126 (2^x < 1.2e-38) it returns about 1e-38 instead of
+ * a subnormal: negligible against the row's sum, which is at least 1. */
+static inline __m512 exp2_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.3333558146428443e-3f); /* ln2^i / i!, i = 5 .. 0 */
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
-}
-
-/* In place, for `rows` rows of s (row stride mpad, holding q . k): exp(scale s + bias - max) for j < m and 0 for
- * m <= j < mpad; inv[r] = 1 / the row's sum. */
-static void softmax_rows(float *s, long mpad, long m, int rows, const float *bias, long bn, float scale,
-                         float *inv) {
-    const __m512 vscale = _mm512_set1_ps(scale);
-    for (int r = 0; r < rows; ++r) {
-        float *sr = s + r * mpad;
-        const float *br = bias + r * bn;
-        __m512 vmax = _mm512_set1_ps(-__builtin_inff());
-        for (long j = 0; j < m; j += 16) {
-            __mmask16 k = tail16(m - j);
-            __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, sr + j), vscale, _mm512_maskz_loadu_ps(k, br + j));
-            _mm512_mask_storeu_ps(sr + j, k, x);
-            vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
-        }
-        __m512 vm = _mm512_set1_ps(_mm512_reduce_max_ps(vmax)), vsum = _mm512_setzero_ps();
-        for (long j = 0; j < mpad; j += 16) {
-            __mmask16 k = tail16(m - j);
-            __m512 e = _mm512_maskz_mov_ps(k, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sr + j), vm)));
-            _mm512_storeu_ps(sr + j, e);
-            vsum = _mm512_add_ps(vsum, e);
-        }
-        inv[r] = 1.0f / _mm512_reduce_add_ps(vsum);
-    }
 }
 
 static inline uint32_t load_pair(const uint16_t *p) {
@@ -96,6 +70,8 @@ static inline uint32_t load_pair(const uint16_t *p) {
 }
 
 static inline __m512bh bcast_pair(uint32_t pair) { return (__m512bh)_mm512_set1_epi32((int)pair); }
+
+#define LOG2E 1.44269504088896341f
 
 /* s[r][j] = q_r . k_j for `rows` (<= ROWS) rows and j < mpad, from kp (dpairs x mpad pairs, zero past m). */
 static void qk_rows_bf16(const uint16_t *q, long qn, int rows, const uint32_t *kp, long dpairs, long mpad,
@@ -107,11 +83,14 @@ static void qk_rows_bf16(const uint16_t *q, long qn, int rows, const uint32_t *k
             for (int r = 0; r < ROWS; ++r)
                 for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
             for (long dp = 0; dp < dpairs; ++dp) {
-                __m512bh kv[4];
-                for (int c = 0; c < 4; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(kp + dp * mpad + (j + c) * 16);
-                for (int r = 0; r < ROWS; ++r) {
-                    __m512bh qb = bcast_pair(load_pair(q + r * qn + 2 * dp));
-                    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qb, kv[c]);
+                /* each key vector loaded once per step and the 4 query pairs broadcast once (loading the keys
+                 * inside the row loop, as the compiler did with the loops the other way round, made the loads
+                 * the bottleneck) */
+                __m512bh qb[ROWS];
+                for (int r = 0; r < ROWS; ++r) qb[r] = bcast_pair(load_pair(q + r * qn + 2 * dp));
+                for (int c = 0; c < 4; ++c) {
+                    __m512bh kv = (__m512bh)_mm512_loadu_si512(kp + dp * mpad + (j + c) * 16);
+                    for (int r = 0; r < ROWS; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qb[r], kv);
                 }
             }
             for (int r = 0; r < ROWS; ++r)
@@ -127,16 +106,39 @@ static void qk_rows_bf16(const uint16_t *q, long qn, int rows, const uint32_t *k
         }
 }
 
-/* p_r (mpad / 2 pairs of bf16) = s_r (mpad floats) rounded to bf16. */
-static void to_bf16_pairs(const float *s, long mpad, int rows, uint32_t *p) {
+/* The softmax's first pass, in place for `rows` rows of s (row stride mpad, holding q . k): the scores in log2
+ * units, (scale s + bias) log2(e), for j < m, and smax[r] = the row's maximum. */
+static void score_rows(float *s, long mpad, long m, int rows, const float *bias, long bn, float scale,
+                       float *smax) {
+    const __m512 vscale2 = _mm512_set1_ps(scale * LOG2E), vlog2e = _mm512_set1_ps(LOG2E);
+    for (int r = 0; r < rows; ++r) {
+        float *sr = s + r * mpad;
+        const float *br = bias + r * bn;
+        __m512 vmax = _mm512_set1_ps(-__builtin_inff());
+        for (long j = 0; j < m; j += 16) {
+            __mmask16 k = tail16(m - j);
+            __m512 x = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, sr + j), vscale2,
+                                       _mm512_mul_ps(_mm512_maskz_loadu_ps(k, br + j), vlog2e));
+            _mm512_mask_storeu_ps(sr + j, k, x);
+            vmax = _mm512_mask_max_ps(vmax, k, vmax, x);
+        }
+        smax[r] = _mm512_reduce_max_ps(vmax);
+    }
+}
+
+/* The softmax's second pass for `rows` rows of s (log2-unit scores, row maxima smax): p_r (mpad / 2 pairs of
+ * bf16) = 2^(s - max) rounded to bf16, 0 past m; inv[r] = 1 / the float32 sum of the row's 2^(s - max). */
+static void exp_rows_bf16(const float *s, long mpad, long m, int rows, const float *smax, uint32_t *p, float *inv) {
     for (int r = 0; r < rows; ++r) {
         const float *sr = s + r * mpad;
         uint16_t *pr = (uint16_t *)(p + r * (mpad / 2));
-        for (long j = 0; j < mpad; j += 32) {
-            __m512 lo = _mm512_loadu_ps(sr + j), hi = _mm512_maskz_loadu_ps(tail16(mpad - j - 16), sr + j + 16);
-            __mmask32 k = mpad - j >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)0xFFFFu;
-            _mm512_mask_storeu_epi16(pr + j, k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo)); /* low half: lo */
+        __m512 vm = _mm512_set1_ps(smax[r]), vsum = _mm512_setzero_ps();
+        for (long j = 0; j < mpad; j += 16) {
+            __m512 e = _mm512_maskz_mov_ps(tail16(m - j), exp2_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sr + j), vm)));
+            vsum = _mm512_add_ps(vsum, e);
+            _mm256_storeu_si256((__m256i *)(pr + j), (__m256i)_mm512_cvtneps_pbh(e));
         }
+        inv[r] = 1.0f / _mm512_reduce_add_ps(vsum);
     }
 }
 
@@ -177,18 +179,23 @@ static void attend_task_bf16(const uint16_t *q, long qn, const uint16_t *k, long
         for (long d = 0; d < D; ++d) vp[jp * dpad + d] = (uint32_t)v0[d] | (v1 ? (uint32_t)v1[d] << 16 : 0u);
         for (long d = D; d < dpad; ++d) vp[jp * dpad + d] = 0;
     }
-    float inv[ROWS];
+    float inv[ROWS], smax[ROWS];
     for (long i = 0; i < n; i += ROWS) {
         int rows = n - i < ROWS ? (int)(n - i) : ROWS;
         qk_rows_bf16(q + i * qn, qn, rows, kp, dpairs, mpad, s);
-        softmax_rows(s, mpad, m, rows, bias + i * bn, bn, scale, inv);
-        to_bf16_pairs(s, mpad, rows, p);
+        score_rows(s, mpad, m, rows, bias + i * bn, bn, scale, smax);
+        exp_rows_bf16(s, mpad, m, rows, smax, p, inv);
+        /* NV and, for whole tiles, the row count as constants: the accumulators then stay in registers (with
+         * a run-time row count the compiler kept them on the stack, a store and a load per product) */
+#define PV_ROWS(NVC) (rows == ROWS ? pv_rows_bf16(p, mpad / 2, mpairs, ROWS, vp, inv, o + i * on, on, D, NVC) \
+                                   : pv_rows_bf16(p, mpad / 2, mpairs, rows, vp, inv, o + i * on, on, D, NVC))
         switch (dpad / 16) {
-        case 1: pv_rows_bf16(p, mpad / 2, mpairs, rows, vp, inv, o + i * on, on, D, 1); break;
-        case 2: pv_rows_bf16(p, mpad / 2, mpairs, rows, vp, inv, o + i * on, on, D, 2); break;
-        case 3: pv_rows_bf16(p, mpad / 2, mpairs, rows, vp, inv, o + i * on, on, D, 3); break;
-        default: pv_rows_bf16(p, mpad / 2, mpairs, rows, vp, inv, o + i * on, on, D, 4); break;
+        case 1: PV_ROWS(1); break;
+        case 2: PV_ROWS(2); break;
+        case 3: PV_ROWS(3); break;
+        default: PV_ROWS(4); break;
         }
+#undef PV_ROWS
     }
 }
 #endif

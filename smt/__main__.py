@@ -1,9 +1,10 @@
 """Command line: ``python -m smt stage NAME`` (a DVC stage), ``train`` (one training stage; what ``torchrun``
 launches), ``infer`` (the inference stage; shards images under ``torchrun``), ``evaluate SR_DIR HR_DIR`` (score
-a folder the challenge's way), ``upscale`` (your images; the pipeline's method by default), ``export`` (weights for other tools, or the method as
-a bundle), ``benchmark`` (a checkpoint on the SR test sets), ``pipeline`` (write dvc.yaml), ``profile NAME`` (switch
-demo <-> ntire2025), ``check`` (dry run: what data, weights and GPUs are missing), ``smoke`` (first run on a GPU machine),
-``rehearse [PROFILE]`` (dress rehearsal: one round of a profile's real stages, reduced counts, in a scratch folder)."""
+a folder the challenge's way), ``upscale`` (your images; the pipeline's method by default), ``export``
+(weights for other tools, or the method as a bundle), ``benchmark`` (a checkpoint on the SR test sets),
+``pipeline`` (write dvc.yaml), ``profile NAME`` (switch demo <-> ntire2025), ``check`` (dry run: what data,
+weights and GPUs are missing), ``smoke`` (first run on a GPU machine), ``rehearse [PROFILE]`` (dress
+rehearsal: one round of a profile's real stages, reduced counts, in a scratch folder)."""
 from __future__ import annotations
 
 import argparse

@@ -16,7 +16,8 @@ from typing import Any, Literal, Union
 import yaml
 
 __all__ = ["ConfigError", "DataConfig", "SelectConfig", "TrainConfig", "ModelSpec", "StageSpec", "AugmentSpec",
-           "MicroBatch", "InferConfig", "ReportConfig", "BenchmarkConfig", "AblationConfig", "LossVariant", "load_params", "load_section", "parse_section", "as_dict"]
+           "MicroBatch", "InferConfig", "ReportConfig", "BenchmarkConfig", "AblationConfig", "LossVariant",
+           "load_params", "load_section", "parse_section", "as_dict"]
 
 
 class ConfigError(ValueError):

@@ -54,3 +54,15 @@ def test_bf16_weights_copy_is_remade_when_the_model_weights_change():
     assert copy3 is not copy2 and torch.equal(copy3.conv_first.weight, net.conv_first.weight.bfloat16())
     copy4, _ = _run(net, x)
     assert copy4 is copy3
+
+
+def test_bf16_weights_cache_keeps_no_replaced_parameter_alive():
+    import weakref
+
+    net, x = _net(), _x()
+    _run(net, x)
+    old = weakref.ref(net.conv_first.weight)
+    net.conv_first.weight = torch.nn.Parameter(net.conv_first.weight.detach() * 2)  # the old tensor's last user
+    assert old() is None  # the cache's key does not hold it (the copy's own weights are separate tensors)
+    copy2, _ = _run(net, x)
+    assert torch.equal(copy2.conv_first.weight, net.conv_first.weight.bfloat16())

@@ -1,8 +1,9 @@
 """The embedded demo image set: real photographs that ship inside installed packages and load offline.
 
-Every name maps to a loader of ``skimage.data`` or of matplotlib's sample data (``grace_hopper``); grayscale photographs go through the same conversion as any
-user image (:func:`smt.data.images.to_rgb_uint8`). ``retina``, ``hubble_deep_field`` and the two
-``stereo_motorcycle`` views are larger than the others and are centre-cropped by ``data.max_side``.
+Every name maps to a loader of ``skimage.data`` or of matplotlib's sample data (``grace_hopper``); grayscale
+photographs go through the same conversion as any user image (:func:`smt.data.images.to_rgb_uint8`).
+``retina``, ``hubble_deep_field`` and the two ``stereo_motorcycle`` views are larger than the others and are
+centre-cropped by ``data.max_side``.
 """
 from __future__ import annotations
 

@@ -55,16 +55,18 @@ _BF16_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.
 
 
 def _state_key(net: torch.nn.Module) -> tuple:
-    """What the bf16 copy depends on: every parameter and buffer (the tensor itself, its in-place version
-    counter, dtype and device) and the training flag. Reassigning a parameter, ``load_state_dict``, an optimiser
-    step or ``.to()`` changes it."""
+    """What the bf16 copy depends on: every parameter and buffer (the tensor itself, held by a weak reference so
+    that the cache keeps no replaced tensor alive; its in-place version counter, dtype and device) and the
+    training flag. Reassigning a parameter, ``load_state_dict``, an optimiser step or ``.to()`` changes it."""
     tensors = [t for _, t in net.named_parameters()] + [t for _, t in net.named_buffers()]
-    return (net.training, tuple((t, t._version, t.dtype, t.device) for t in tensors))
+    return (net.training, tuple((weakref.ref(t), t._version, t.dtype, t.device) for t in tensors))
 
 
 def _same_state(a: tuple, b: tuple) -> bool:
+    """Whether two :func:`_state_key` keys name the same live tensors in the same state (a tensor freed since
+    is never the same)."""
     return a[0] == b[0] and len(a[1]) == len(b[1]) and all(
-        x[0] is y[0] and x[1:] == y[1:] for x, y in zip(a[1], b[1]))
+        x[0]() is not None and x[0]() is y[0]() and x[1:] == y[1:] for x, y in zip(a[1], b[1]))
 
 
 def _bf16_copy(source: torch.nn.Module) -> torch.nn.Module:

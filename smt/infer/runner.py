@@ -41,7 +41,8 @@ from smt.infer.tiling import tiled_forward
 from smt.models import load_model
 from smt.train.engine import exported_weights
 
-__all__ = ["run_inference", "METHOD_ORDER", "load_method_models", "model_outputs", "best_float255", "image_seed", "measure"]
+__all__ = ["run_inference", "METHOD_ORDER", "load_method_models", "model_outputs", "best_float255", "image_seed",
+           "measure"]
 
 
 def measure(device: torch.device, fn: Callable[[], torch.Tensor], cuda=torch.cuda) -> tuple[torch.Tensor, float, float]:
@@ -149,15 +150,21 @@ def METHOD_ORDER(cfg: InferConfig) -> list[str]:  # noqa: N802 - reads like a co
     return names
 
 
+def _add_timing(timings: dict[str, dict], method: str, seconds: float, images: int, peak_mb: float) -> None:
+    """Adds a measurement (one image, or a process's totals) to ``timings[method]``: seconds and images add up,
+    peak memory is the largest."""
+    entry = timings.setdefault(method, {"seconds": 0.0, "images": 0, "peak_mb": 0.0})
+    entry["seconds"] += seconds
+    entry["images"] += images
+    entry["peak_mb"] = max(entry["peak_mb"], peak_mb)
+
+
 def _merge_timings(parts: list[dict]) -> dict:
-    """Per-process timing dicts -> one (seconds and images add up, peak memory is the largest)."""
+    """Per-process timing dicts -> one (see :func:`_add_timing`)."""
     out: dict[str, dict] = {}
     for part in parts:
         for method, e in part.items():
-            m = out.setdefault(method, {"seconds": 0.0, "images": 0, "peak_mb": 0.0})
-            m["seconds"] += e["seconds"]
-            m["images"] += e["images"]
-            m["peak_mb"] = max(m["peak_mb"], e["peak_mb"])
+            _add_timing(out, method, e["seconds"], e["images"], e["peak_mb"])
     return out
 
 
@@ -191,10 +198,7 @@ def run_inference(infer_cfg: InferConfig, train_cfg: TrainConfig, data_cfg: Data
 
     def timed(method: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         y, seconds, peak = measure(device, fn)
-        entry = timings.setdefault(method, {"seconds": 0.0, "images": 0, "peak_mb": 0.0})
-        entry["seconds"] += seconds
-        entry["images"] += 1
-        entry["peak_mb"] = max(entry["peak_mb"], peak)
+        _add_timing(timings, method, seconds, 1, peak)
         return y
 
     splits = {s: read_manifest(data_cfg.root, s) for s in ("valid", "test")}

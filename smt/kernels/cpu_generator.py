@@ -9,9 +9,10 @@ the generator's state (``get_state``), runs MT19937 in C, and writes the state b
 
 The state's byte layout is PyTorch's (``CPUGeneratorImplState``: seed, ``left``, ``seeded``, ``next``, then the
 624 words as 64-bit integers). It is checked once per process against PyTorch itself (the same draws and the
-same state after them, across a regeneration of the state); where the check fails, the library is missing, or
-the generator is not the CPU default one, :func:`neg_uniform53` returns ``None`` and the caller draws with
-PyTorch.
+same state after them, across a regeneration of the state); where the check fails or the library is missing,
+:func:`neg_uniform53` returns ``None`` and the caller draws with PyTorch. Like any read-modify-write of the
+global generator's state, a draw is not atomic against another thread drawing from that generator at the same
+moment (PyTorch's own draws lock it per operation); inference draws from one thread.
 """
 from __future__ import annotations
 

@@ -19,9 +19,9 @@ Three GPU facts the code relies on, none of which the interpreter can show:
   (:func:`_on_device`): on rank k of a multi-GPU job the kernel runs on GPU k, where its pointers live.
 
 ``delta_bias``/softplus, the ``D`` skip and the ``z`` gate are element-wise and stay in PyTorch
-(:func:`smt.kernels.scan_common.step_sizes`, :func:`smt.kernels.scan_common.scan_epilogue`), so the Triton part is exactly the reference's core recurrence
-and is compared with the reference in the tests. Runs wherever Triton runs: CUDA, or on CPU tensors under
-``TRITON_INTERPRET=1`` (how the CPU tests check it).
+(:func:`smt.kernels.scan_common.step_sizes`, :func:`smt.kernels.scan_common.scan_epilogue`), so the Triton part
+is exactly the reference's core recurrence and is compared with the reference in the tests. Runs wherever
+Triton runs: CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (how the CPU tests check it).
 """
 from __future__ import annotations
 

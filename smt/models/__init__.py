@@ -19,8 +19,8 @@ from smt.models.loading import CheckpointError, LoadReport, load_weights, read_m
 from smt.models.mambairv2 import MambaIRv2, MambaIRv2Light
 from smt.models.presets import PRESETS, preset
 
-__all__ = ["HAT", "MambaIRv2", "MambaIRv2Light", "ARCHITECTURES", "PRESETS", "build_model", "load_model", "CheckpointError", "LoadReport",
-           "load_weights", "read_state_dict", "count_parameters"]
+__all__ = ["HAT", "MambaIRv2", "MambaIRv2Light", "ARCHITECTURES", "PRESETS", "build_model", "load_model",
+           "CheckpointError", "LoadReport", "load_weights", "read_state_dict", "count_parameters"]
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {"hat": HAT, "mambairv2": MambaIRv2, "mambairv2light": MambaIRv2Light}
 

@@ -100,7 +100,7 @@ def test_models_in_bf16_match_the_sdpa_path(monkeypatch, name, precision):
     with torch.no_grad():
         fp32 = net(x)
         kernel = fwd(x).float()
-        monkeypatch.setattr(attention, "_bf16_kernel_applies", lambda *a: False)
+        monkeypatch.setattr(attention, "bf16_kernel_applies", lambda *a: False)
         sdpa = fwd(x).float()
     scale = fp32.abs().max()
     assert (kernel - sdpa).abs().max() <= 0.02 * scale
@@ -114,3 +114,34 @@ def test_kernel_is_unavailable_without_the_library_or_its_openmp_build(monkeypat
     assert not cpu_bf16_attention_available()
     monkeypatch.setattr(cpu_build, "load_library", lambda: None)
     assert not cpu_bf16_attention_available()
+
+
+@needs_kernel
+def test_shifted_window_groups_give_the_kernel_one_float32_masked_bias():
+    """attend_window_groups casts a bf16 bias to float32 once, before adding the shifted-window masks, where
+    the kernel runs (it reads float32): every group gets a float32 bias, the mask sum is exact, and the
+    result equals float32 attention with the official mask within bf16 rounding."""
+    from smt.models.common import attend_window_groups, shift_region_masks, window_order
+
+    torch.manual_seed(0)
+    b, h, w, ws, shift, heads, d = 1, 8, 8, 4, 2, 2, 16
+    order = window_order(b, h, w, ws, shift, torch.device("cpu"))
+    nwin = b * (h // ws) * (w // ws)
+    q, k, v = (torch.randn(nwin, heads, ws * ws, d).bfloat16() for _ in range(3))
+    bias = torch.randn(1, heads, ws * ws, ws * ws).bfloat16()
+    seen = []
+
+    def attend(q_, k_, v_, bias_, scale_, impl_):
+        seen.append(bias_.dtype)
+        return window_attention(q_, k_, v_, bias_, scale_, impl_)
+
+    with torch.no_grad():
+        out = attend_window_groups(q, k, v, bias, d ** -0.5, "sdpa", attend, order, ws, shift)
+    assert seen and set(seen) == {torch.float32}
+    # the reference: each group's windows with its region's mask (float32, exact), as attend_windows uses
+    masks = shift_region_masks(ws, shift, torch.device("cpu"), torch.float32)
+    ref = torch.empty(out.shape, dtype=torch.float32)
+    for start, end, r, c in order.groups:
+        ref[start:end] = _float_reference(q[start:end], k[start:end], v[start:end], bias.float() + masks[r, c],
+                                          d ** -0.5)
+    assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()

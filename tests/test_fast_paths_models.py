@@ -12,8 +12,8 @@ import torch
 
 from smt.kernels.attention import reference_paths
 from smt.models import HAT, MambaIRv2
-from smt.models.common import (CPU_HEAD_MULTIPLE, FastLinear, fast_linear, gemm_row_multiple, head_padded_qkv,
-                               onednn_linear_available)
+from smt.models.common import (CPU_HEAD_MULTIPLE, FastLinear, depthwise_tokens, fast_linear, gemm_row_multiple,
+                               head_padded_qkv, onednn_conv_available, onednn_linear_available)
 from smt.models.mambairv2 import ASSM, _exponential_from_neg_uniform, _standard_exponential_like
 
 
@@ -159,6 +159,27 @@ def test_hat_fast_paths_equal_reference_with_shifted_windows_and_batch_two():
     assert _rel_err(fast, ref) <= 1e-5
 
 
+def test_ocab_fast_windows_equal_the_unfold_windows_exactly():
+    """OCAB's query, key and value windows from the padded channel-last grid are the official unfold's, value
+    for value (zero padding at the borders included), for a batch of two non-square images."""
+    from smt.models.common import window_partition
+    from smt.models.hat import OCAB
+
+    torch.manual_seed(0)
+    ocab = OCAB(dim=12, window_size=4, overlap_ratio=0.5, num_heads=2, qkv_bias=True, qk_scale=None,
+                mlp_ratio=2.0, norm_layer=torch.nn.LayerNorm).eval()
+    b, h, w, c, ws, ows = 2, 8, 12, 12, 4, ocab.overlap_win_size
+    qkv = torch.randn(b, h * w, 3 * c)
+    q, k, v = ocab._windows_fast(qkv, h, w)
+    grid = qkv.view(b, h, w, 3, c).permute(3, 0, 4, 1, 2)  # three b c h w
+    kv = torch.nn.functional.unfold(torch.cat((grid[1], grid[2]), 1), kernel_size=ows, stride=ws,
+                                    padding=(ows - ws) // 2)
+    kv = kv.view(b, 2, c, ows * ows, -1).permute(1, 0, 4, 3, 2).reshape(2, -1, ows * ows, c)
+    assert torch.equal(q, window_partition(grid[0].permute(0, 2, 3, 1), ws))
+    assert torch.equal(k, kv[0]) and torch.equal(v, kv[1])
+    assert k.shape == (b * (h // ws) * (w // ws), ows * ows, c) and (k[0, 0] == 0).all()  # a padded corner
+
+
 def test_window_order_is_roll_then_partition_with_groups_covering_every_window():
     from smt.models.common import window_order, window_partition, windows_gather, windows_scatter
 
@@ -229,6 +250,54 @@ def test_fast_linear_with_bf16_weights_casts_like_autocast_and_fuses_the_gelu():
 def test_onednn_linear_is_available_in_this_build():
     # PyTorch's CPU wheels ship oneDNN; a silent fallback would cost 25-40% on every linear layer
     assert onednn_linear_available()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16-weights"])
+@pytest.mark.parametrize("activation", ["gelu", "sigmoid"])
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_depthwise_tokens_equals_the_conv_module_and_activation(precision, activation, kernel):
+    """oneDNN's depthwise conv with the activation fused, on (B, H*W, C) tokens: float32 within float rounding
+    of ``act(conv(x))`` (the module on an NCHW image), bf16 within bf16 rounding of autocast's; ``None`` (the
+    caller runs the module) under autograd, inside reference_paths, for float32 tokens under autocast and for
+    a conv that is not depthwise with 'same' padding."""
+    torch.manual_seed(0)
+    c, h, w = 21, 7, 9  # odd sizes: no SIMD-multiple channels, borders on every side
+    conv = torch.nn.Conv2d(c, c, kernel, 1, kernel // 2, groups=c)
+    x = torch.randn(2, h * w, c)
+    act = torch.nn.functional.gelu if activation == "gelu" else torch.sigmoid
+
+    def reference(tokens: torch.Tensor, module: torch.nn.Conv2d) -> torch.Tensor:
+        image = tokens.transpose(1, 2).reshape(2, c, h, w)
+        return act(module(image)).flatten(2).transpose(1, 2)
+
+    with torch.no_grad():
+        ref = reference(x, conv)
+        if precision == "fp32":
+            out = depthwise_tokens(x, (h, w), conv, activation)
+            tol = 1e-5
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert depthwise_tokens(x, (h, w), conv, activation) is None  # float32 tokens: autocast's dtype
+                module = conv if precision == "bf16-autocast" else torch.nn.Conv2d(
+                    c, c, kernel, 1, kernel // 2, groups=c).to(torch.bfloat16)
+                if module is not conv:
+                    module.load_state_dict(conv.state_dict())
+                out = depthwise_tokens(x.bfloat16(), (h, w), module, activation)
+            tol = 2e-2
+        assert out is not None and out.shape == (2, h * w, c) and out.dtype == (
+            torch.float32 if precision == "fp32" else torch.bfloat16)
+        assert _rel_err(out.float(), ref) <= tol
+        with reference_paths():
+            assert depthwise_tokens(x, (h, w), conv, activation) is None
+        dense = torch.nn.Conv2d(c, c, kernel, 1, kernel // 2)
+        assert depthwise_tokens(x, (h, w), dense, activation) is None
+        assert depthwise_tokens(x, (h, w), torch.nn.Conv2d(c, c, kernel, 1, 0, groups=c), activation) is None
+    assert depthwise_tokens(x, (h, w), conv, activation) is None  # autograd on
+
+
+def test_onednn_conv_is_available_in_this_build():
+    # PyTorch's CPU wheels ship oneDNN; without it MambaIRv2's depthwise convs take the slower module path
+    assert onednn_conv_available()
 
 
 @pytest.mark.parametrize("bias", [True, False])

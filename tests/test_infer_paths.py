@@ -9,6 +9,7 @@ from smt.infer.paths import describe_paths
 from smt.kernels.attention import reference_paths
 from smt.kernels.cpu_build import load_library, openmp_status
 from smt.models import build_model
+from smt.models.common import onednn_conv_available
 
 
 def test_paths_name_the_scan_only_for_models_with_one():
@@ -24,6 +25,9 @@ def test_paths_name_the_scan_only_for_models_with_one():
     else:
         assert "selective scan: the PyTorch reference loop, slow" in line
     assert "selective scan" not in describe_paths([hat], "fp32")
+    # MambaIRv2's depthwise convs (ConvFFN, CPE) take oneDNN's fused conv; HAT has none
+    assert ("oneDNN depthwise convs with the activation fused" in line) == onednn_conv_available()
+    assert "depthwise" not in describe_paths([hat], "fp32")
 
 
 def test_paths_say_when_the_reference_paths_or_a_forced_scan_run():

@@ -52,10 +52,13 @@ def describe_paths(nets: Iterable[torch.nn.Module], precision: Precision) -> str
     if not fast_paths_enabled():
         parts.append("reference paths (fast paths switched off)")
         return "inference paths: " + "; ".join(parts)
-    from smt.models.common import onednn_linear_available
+    from smt.models.common import onednn_conv_available, onednn_linear_available
 
     gemm = ("oneDNN linear with bias and GELU fused" if onednn_linear_available()
             else "GEMMs padded to the SIMD width (no oneDNN linear in this PyTorch)")
+    if device.type == "cpu" and onednn_conv_available() and any(
+            isinstance(m, torch.nn.Conv2d) and m.groups > 1 for n in nets for m in n.modules()):
+        gemm += ", oneDNN depthwise convs with the activation fused"
     parts.append(f"eval fast paths (ordered windows, {gemm}; each tested equal to its reference)")
     impls = {getattr(n, "attn_impl", None) for n in nets} - {None}
     if impls:

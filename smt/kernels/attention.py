@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["window_attention", "AttentionImpl", "fast_paths_enabled", "reference_paths",
-           "cpu_bf16_attention_available"]
+           "cpu_bf16_attention_available", "bf16_kernel_applies"]
 
 AttentionImpl = Literal["reference", "sdpa"]
 
@@ -64,7 +64,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
             attn = attn + bias
         return attn.softmax(dim=-1) @ v
     if impl == "sdpa":
-        if _bf16_kernel_applies(q, k, v):
+        if bf16_kernel_applies(q, k, v):
             return _cpu_bf16_attention(q, k, v, bias, scale)
         if bias is not None:
             bias = bias.to(q.dtype)
@@ -101,7 +101,9 @@ def cpu_bf16_attention_available() -> bool:
 KERNEL_MAX_HEAD = 64  # csrc/window_attention.c: head dimension even and at most 64
 
 
-def _bf16_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def bf16_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`window_attention` of these q, k, v (any ``impl`` but ``"reference"``) runs the bf16 C
+    kernel, which reads its bias in float32."""
     d = q.shape[-1]
     return (_fast_paths and q.device.type == "cpu" and q.dim() == 4
             and q.dtype == k.dtype == v.dtype == torch.bfloat16 and d <= KERNEL_MAX_HEAD and d % 2 == 0

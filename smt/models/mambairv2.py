@@ -37,9 +37,9 @@ from smt.kernels.attention import AttentionImpl, window_attention
 from smt.kernels.cpu_generator import neg_uniform53, neg_uniform53_reference
 from smt.kernels.selective_scan import ScanImpl, scan_reads_rows, selective_scan, selective_scan_rows
 from smt.models.common import (FastLinear, RelativeBiasCache, SRHeads, WindowOrder,
-                               attend_ordered_windows, attend_windows, head_padded_qkv, inference_fast_path,
-                               pad_to_multiple, fast_linear, relative_position_index, window_order,
-                               window_partition, window_reverse, windows_gather, windows_scatter)
+                               attend_ordered_windows, attend_windows, depthwise_tokens, head_padded_qkv,
+                               inference_fast_path, pad_to_multiple, fast_linear, relative_position_index,
+                               window_order, window_partition, window_reverse, windows_gather, windows_scatter)
 from smt.models.hat import _init_weights, _PatchEmbed
 
 __all__ = ["MambaIRv2", "MambaIRv2Light", "UPSAMPLERS"]
@@ -72,7 +72,11 @@ class ConvFFN(nn.Module):
         self.fc2 = FastLinear(hidden_features, in_features)
 
     def forward(self, x: torch.Tensor, x_size: tuple[int, int]) -> torch.Tensor:
-        x = self.fc1.forward_gelu(x) if inference_fast_path(self) else self.act(self.fc1(x))  # GELU fused
+        if inference_fast_path(self):
+            x = self.fc1.forward_gelu(x)  # GELU fused
+            branch = depthwise_tokens(x, x_size, self.dwconv.depthwise_conv[0], "gelu")  # conv + GELU fused
+            return self.fc2(x + (self.dwconv(x, x_size) if branch is None else branch))
+        x = self.act(self.fc1(x))
         return self.fc2(x + self.dwconv(x, x_size))
 
 
@@ -279,8 +283,9 @@ class ASSM(nn.Module):
           and its one-hot straight-through policy is 1 (to within 1 ulp) at that index and 0 elsewhere), so the
           one-hot matrix, its matmul with the prompts and the scatter of the inverse permutation go; the prompt
           is a row lookup.
-        - ``in_proj`` (a 1x1 conv) runs as a matmul on the channel-last tokens, and ``CPE`` on a channels-last
-          view of its output (no NCHW copies; oneDNN's depthwise conv is faster channels-last).
+        - ``in_proj`` (a 1x1 conv) runs as a matmul on the channel-last tokens, and ``CPE`` with the sigmoid
+          fused on a channels-last view of its output (:func:`~smt.models.common.depthwise_tokens`; where that
+          does not run, the module: no NCHW copies either way; oneDNN's depthwise conv is faster channels-last).
         - The sort and the unsort move whole rows (``index_select`` / ``index_copy_``) instead of gathering
           element by element through an expanded index. (The prompt stays in token order, as in the reference
           and the official code.)
@@ -304,11 +309,13 @@ class ASSM(nn.Module):
         order = torch.sort(route, dim=-1, stable=False).indices  # the same call as the reference: same ties
         conv = self.in_proj[0]
         xs = fast_linear(x, conv.weight, conv.bias)  # (b, n, hidden)
-        gate = self.CPE(xs.view(b, h, w, -1).permute(0, 3, 1, 2))  # channels-last in, channels-last out
+        gate = depthwise_tokens(xs, x_size, self.CPE[0], "sigmoid")  # conv + sigmoid fused, as tokens
+        if gate is None:  # channels-last in, channels-last out
+            gate = rearrange(self.CPE(xs.view(b, h, w, -1).permute(0, 3, 1, 2)), "b c h w -> b (h w) c").sigmoid()
         if scan_reads_rows(xs, scan_impl):  # the CPU kernel scans in sorted order through the indices
-            xs = xs * rearrange(gate, "b c h w -> b (h w) c").sigmoid()  # contiguous, like the scan's delta
+            xs = xs * gate  # contiguous, like the scan's delta
             return self.out_proj(self.out_norm(self.selectiveScan.forward_rows(xs, order, prompt)))
-        xs = xs.mul_(rearrange(gate, "b c h w -> b (h w) c").sigmoid())
+        xs = xs.mul_(gate)
         sorted_x = torch.empty_like(xs)
         for i in range(b):
             torch.index_select(xs[i], 0, order[i], out=sorted_x[i])

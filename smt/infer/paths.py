@@ -53,11 +53,12 @@ def describe_paths(nets: Iterable[torch.nn.Module], precision: Precision) -> str
         parts.append("reference paths (fast paths switched off)")
         return "inference paths: " + "; ".join(parts)
     from smt.models.common import onednn_conv_available, onednn_linear_available
+    from smt.models.mambairv2 import ASSM, Selective_Scan
 
     gemm = ("oneDNN linear with bias and GELU fused" if onednn_linear_available()
             else "GEMMs padded to the SIMD width (no oneDNN linear in this PyTorch)")
     if device.type == "cpu" and onednn_conv_available() and any(
-            isinstance(m, torch.nn.Conv2d) and m.groups > 1 for n in nets for m in n.modules()):
+            isinstance(m, ASSM) for n in nets for m in n.modules()):  # its CPE (and ConvFFN's) run depthwise_tokens
         gemm += ", oneDNN depthwise convs with the activation fused"
     parts.append(f"eval fast paths (ordered windows, {gemm}; each tested equal to its reference)")
     impls = {getattr(n, "attn_impl", None) for n in nets} - {None}
@@ -70,8 +71,6 @@ def describe_paths(nets: Iterable[torch.nn.Module], precision: Precision) -> str
             kernel = "SDPA (CPU flash kernel), heads zero-padded to a multiple of 16"
         parts.append("attention: " + ", ".join(sorted(kernel if i == "sdpa" else "plain matmul + softmax"
                                                       for i in impls)))
-    from smt.models.mambairv2 import Selective_Scan
-
     scanning = [n for n in nets if any(isinstance(m, Selective_Scan) for m in n.modules())]
     if scanning:
         forced = {getattr(n, "scan_impl", "auto") for n in scanning} - {"auto"}

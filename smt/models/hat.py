@@ -168,10 +168,11 @@ class OCAB(nn.Module):
         h, w = x_size
         ws, ows, heads = self.window_size, self.overlap_win_size, self.num_heads
         shortcut = x
+        qkv = self.qkv(self.norm1(x))
         if inference_fast_path(self):
-            q, k, v = self._windows_fast(self.qkv(self.norm1(x)), h, w)
+            q, k, v = self._windows_fast(qkv, h, w)
         else:
-            qkv = rearrange(self.qkv(self.norm1(x)), "b (h w) (three c) -> three b c h w", h=h, three=3)
+            qkv = rearrange(qkv, "b (h w) (three c) -> three b c h w", h=h, three=3)
             q = window_partition(rearrange(qkv[0], "b c h w -> b h w c"), ws)  # (b*nW, ws*ws, c)
             # zero-padded overlapping key/value windows, as the official nn.Unfold
             kv = F.unfold(torch.cat((qkv[1], qkv[2]), dim=1), kernel_size=ows, stride=ws, padding=(ows - ws) // 2)
@@ -182,7 +183,6 @@ class OCAB(nn.Module):
         x = window_reverse(rearrange(out, "b h n d -> b n (h d)"), ws, h, w)
         x = self.proj(rearrange(x, "b h w c -> b (h w) c")) + shortcut
         return x + self.mlp(self.norm2(x))
-
 
     def _windows_fast(self, qkv: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inference fast path of :meth:`forward`'s windows, the same values: from the (b, h*w, 3c) projection,

@@ -237,10 +237,41 @@ def test_scan_over_rows_equals_gather_scan_scatter(batch, dim, nstate, length):
 
 
 @pytest.mark.skipif(not HAS_CPU_KERNEL, reason="no C compiler")
+@pytest.mark.parametrize("layout", ["channel-last", "contiguous"])
+def test_fused_forward_reads_bfloat16_inputs_as_their_float32_copies_exactly(layout):
+    """bfloat16 u, delta and z (a bf16-weights MambaIRv2's tokens) are widened inside the kernel: the outputs
+    and last states equal those of the .float() copies bit for bit, over rows and in order, with a part-filled
+    last channel block (37 channels) and both strides (unit channel stride: vector loads; else per lane)."""
+    g = torch.Generator().manual_seed(3)
+    batch, dim, nstate, length = 2, 37, 16, 300
+    make = lambda: torch.randn(batch, length, dim, generator=g).bfloat16()  # noqa: E731
+    u, delta, z = (make() for _ in range(3))
+    if layout == "channel-last":  # (b, D, L) views of (b, L, D) memory
+        u, delta, z = (t.transpose(1, 2) for t in (u, delta, z))
+    else:
+        u, delta, z = (t.transpose(1, 2).contiguous() for t in (u, delta, z))
+    rest = dict(A=-torch.rand(dim, nstate, generator=g) - 0.05, B=torch.randn(batch, nstate, length, generator=g),
+                C=torch.randn(batch, nstate, length, generator=g), D=torch.randn(dim, generator=g),
+                delta_bias=torch.randn(dim, generator=g) - 2)
+    rows = torch.stack([torch.randperm(length, generator=g) for _ in range(batch)])
+    with torch.no_grad():
+        got, got_last = selective_scan_cpu(u, delta, z=z, **rest, delta_softplus=True, return_last_state=True)
+        want, want_last = selective_scan_cpu(u.float(), delta.float(), z=z.float(), **rest, delta_softplus=True,
+                                             return_last_state=True)
+        got_rows = selective_scan_rows(u, delta, **rest, delta_softplus=True, rows=rows)
+        want_rows = selective_scan_rows(u.float(), delta.float(), **rest, delta_softplus=True, rows=rows)
+    # selective_scan_cpu returns u's dtype; the kernel's float32 output rounds to it as the copies' does
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.bfloat16()) and torch.equal(got_last, want_last)
+    assert got_rows.dtype == torch.float32 and torch.equal(got_rows, want_rows)
+    assert want.abs().max() > 1 and torch.isfinite(want).all()
+
+
+@pytest.mark.skipif(not HAS_CPU_KERNEL, reason="no C compiler")
 def test_scan_over_rows_refuses_what_is_not_a_permutation_and_autograd():
     ins = {k: v.float() for k, v in _inputs(1, 8, 4, 6, "bnl").items() if k != "z"}
     with torch.no_grad():
         for bad in (torch.tensor([[0, 1, 2, 3, 4, 6]]), torch.tensor([[0, 1, 2, 3, 4, 4]]),
+                    torch.tensor([[0, 1, 2, 3, 4, -1]]), torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 5, 5]]),
                     torch.arange(6, dtype=torch.int32)[None], torch.arange(6)):
             with pytest.raises(ValueError, match="permutation of range"):
                 selective_scan_rows(**ins, rows=bad)

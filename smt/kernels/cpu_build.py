@@ -82,7 +82,7 @@ def load_library() -> ctypes.CDLL | None:
         for suffix in ("f32", "f64"):
             getattr(lib, f"scan_fwd_{suffix}").argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 10
             getattr(lib, f"scan_bwd_{suffix}").argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_long] * 10
-        lib.scan_fwd_fused_f32.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 8
+        lib.scan_fwd_fused_f32.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 8
                                            + [ctypes.c_long] * 21)
         lib.scan_fwd_fused_f32.restype = ctypes.c_int
         lib.scan_max_state.restype = ctypes.c_int
@@ -137,7 +137,7 @@ def _load_openmp(cc: str) -> None:
     if after != before:
         _omp_status = f"the OpenMP build loaded another libgomp ({', '.join(sorted(after - before))}): not used"
         return
-    lib.scan_fwd_fused_f32_omp.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 8
+    lib.scan_fwd_fused_f32_omp.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 8
                                            + [ctypes.c_long] * 19 + [ctypes.c_long, ctypes.c_int])
     lib.scan_fwd_fused_f32_omp.restype = ctypes.c_int
     lib.scan_fwd_f32_omp.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_long] * 9 + [ctypes.c_int]

@@ -186,10 +186,14 @@ def _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, rows=Non
     strides; ``y`` is returned as a (b, D, L) *view* of channel-last (b, L, D) memory: the kernel stores each
     SIMD block of channels contiguously, and a channel-last consumer (MambaIRv2's ``out_norm``) reads it
     without a copy (inside :func:`smt.kernels.attention.reference_paths`: contiguous (b, D, L), the same
-    values). ``rows``: see :func:`selective_scan_rows`."""
+    values). ``rows``: see :func:`selective_scan_rows`. bfloat16 ``u``, ``delta`` and ``z`` (all three, e.g.
+    a bf16-weights model's tokens) are read as they are, widened in the kernel: the same values as
+    ``.float()`` copies (widening is exact), without the copies."""
     lib = load_library()
     batch, dim, length = u.shape
-    u, delta, z = u.float(), delta.float(), (z.float() if z is not None else None)
+    in_bf16 = all(t is None or t.dtype == torch.bfloat16 for t in (u, delta, z))
+    if not in_bf16:
+        u, delta, z = u.float(), delta.float(), (z.float() if z is not None else None)
     if delta.stride() != u.stride() or (z is not None and z.stride() != u.stride()):  # one set of strides
         u, delta, z = u.contiguous(), delta.contiguous(), (z.contiguous() if z is not None else None)
     A = A.float().contiguous()
@@ -201,9 +205,9 @@ def _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, rows=Non
     y = torch.empty(batch, length, dim).transpose(1, 2) if fast_paths_enabled() else torch.empty(batch, dim, length)
     last = torch.empty(batch, dim, A.shape[1])
     ptr = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
-    args = (u.data_ptr(), delta.data_ptr(), ptr(bias), int(bool(delta_softplus)), A.data_ptr(), Bg.data_ptr(),
-            Cg.data_ptr(), ptr(Dv), ptr(z), y.data_ptr(), last.data_ptr(), ptr(rows), batch, dim, A.shape[1],
-            length, Bg.shape[1], u.stride(0), u.stride(2), u.stride(1), y.stride(0), y.stride(2), y.stride(1),
+    args = (u.data_ptr(), delta.data_ptr(), ptr(bias), int(bool(delta_softplus)), int(in_bf16), A.data_ptr(),
+            Bg.data_ptr(), Cg.data_ptr(), ptr(Dv), ptr(z), y.data_ptr(), last.data_ptr(), ptr(rows), batch, dim,
+            A.shape[1], length, Bg.shape[1], u.stride(0), u.stride(2), u.stride(1), y.stride(0), y.stride(2), y.stride(1),
             *Bg.stride(), *Cg.stride())
     njobs, nthreads = _cpu_jobs(lib, batch, dim), max(1, torch.get_num_threads())
     omp = _openmp()
@@ -225,6 +229,17 @@ def scan_reads_rows(u: torch.Tensor, impl: ScanImpl) -> bool:
             and not torch.is_grad_enabled() and fast_paths_enabled() and load_library() is not None)
 
 
+def _is_permutation(rows: torch.Tensor) -> bool:
+    """Whether each row of the (batch, L) int64 ``rows`` holds every index of ``range(L)`` once: L values in
+    range that hit all L positions (a scatter, not a sort: 0.03 vs 0.06 ms for MambaIRv2-L's 4096 rows)."""
+    length = rows.shape[-1]
+    if rows.numel() == 0:
+        return True
+    if int(rows.min()) < 0 or int(rows.max()) >= length:
+        return False
+    return bool(torch.zeros(rows.shape, dtype=torch.bool).scatter_(-1, rows, True).all())
+
+
 def selective_scan_rows(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, *, rows):
     """Inference (no autograd) of the scan over a permutation of the sequence, on the CPU kernel (float32).
 
@@ -241,8 +256,7 @@ def selective_scan_rows(u, delta, A, B, C, D=None, delta_bias=None, delta_softpl
     if B.dim() != 3 or C.dim() != 3:
         raise ValueError(f"selective_scan_rows: B and C must be (batch, N, L), got {tuple(B.shape)} and "
                          f"{tuple(C.shape)}")
-    if rows.dtype != torch.int64 or rows.shape != (batch, length) or not torch.equal(
-            rows.sort(-1).values, torch.arange(length, device=rows.device).expand(batch, length)):
+    if rows.dtype != torch.int64 or rows.shape != (batch, length) or not _is_permutation(rows):
         raise ValueError(f"selective_scan_rows: rows must be int64 (batch, L) = ({batch}, {length}) holding a "
                          "permutation of range(L) per batch")
     y, _ = _fused_forward(u, delta, A, B, C, D, None, delta_bias, delta_softplus, rows.contiguous())

@@ -222,11 +222,13 @@ def attend_window_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
         return attend(q, k, v, bias, scale, impl)
     if impl != "reference" and bias.dtype != torch.float32 and bf16_kernel_applies(q, k, v):
         bias = bias.float()  # the kernel reads float32: one cast here, not one per group, and an exact mask sum
-    # the four masked biases in one pass (not cached: 4x the bias's memory per attention module)
-    masked_bias = bias[None, None] + shift_region_masks(ws, shift, bias.device, bias.dtype)[:, :, None, None]
+    # the three masked biases in one pass (not cached: 3x the bias's memory per attention module); windows
+    # off the last row and column have mask 0 and take the bias itself
+    masks = shift_region_masks(ws, shift, bias.device, bias.dtype).flatten(0, 1)[1:, None, None]
+    biases = [bias, *(bias[None] + masks)]  # indexed by 2 * (last row?) + (last column?)
     result = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     for start, end, r, c in groups:
-        result[start:end] = attend(q[start:end], k[start:end], v[start:end], masked_bias[r, c], scale, impl)
+        result[start:end] = attend(q[start:end], k[start:end], v[start:end], biases[2 * r + c], scale, impl)
     return result
 
 

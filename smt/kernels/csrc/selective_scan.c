@@ -198,6 +198,21 @@ static inline vw vload(const float *p, long stride, long nw) {
     return v;
 }
 
+/* W bfloat16 values starting at p, `stride` elements apart, widened to float: exact (a bfloat16 is the upper
+ * half of a float's bits), as torch's .float() widens them. */
+typedef uint16_t vhw __attribute__((vector_size(2 * W)));
+static inline vw vload_bf16(const uint16_t *p, long stride, long nw) {
+    vhw v;
+    if (nw == W && stride == 1) {
+        __builtin_memcpy(&v, p, sizeof v);
+    } else {
+        uint16_t t[W] = {0};
+        for (long j = 0; j < nw; ++j) t[j] = p[j * stride];
+        __builtin_memcpy(&v, t, sizeof v);
+    }
+    return (vw)(__builtin_convertvector(v, vwi) << 16);
+}
+
 static inline void vstore(float *p, vw v, long nw) {
     if (nw == W) {
         __builtin_memcpy(p, &v, sizeof v);
@@ -307,7 +322,8 @@ static inline void vstore_strided(float *p, long stride, vw v, long nw) {
  * between chunks of steps. */
 typedef struct {
     vw a[MAXN], h[MAXN], bias, dskip;  /* a: A times log2(e) (see vexp2) */
-    const float *u, *delta, *z, *B, *C;  /* at step 0 of this block (B, C: lane 0's group when shared) */
+    const char *u, *delta, *z;           /* at step 0 of this block: float32, or bfloat16 (in_bf16) */
+    const float *B, *C;                  /* at step 0 (lane 0's group when shared) */
     const long *rows;                    /* this batch's rows in step order, or NULL (row l = step l) */
     float *y;
     long nw, boff[W], coff[W];           /* lanes' B/C offsets from B and C when not shared */
@@ -316,23 +332,31 @@ typedef struct {
 
 enum { FUSED_CHUNK = 256, FUSED_PREFETCH = 4 };  /* steps per chunk; rows prefetched ahead (measured) */
 
-/* Steps [l0, l1) of one job. Always inlined, so that with a constant N (the wrappers below) the n loop is
- * unrolled and the state h stays in registers within the chunk. */
+/* Row r of u, delta or z (element strides sl, sd) as W floats: float32, or bfloat16 widened (in_bf16). */
+static inline __attribute__((always_inline)) vw load_row(const char *p, long r, long sl, long sd, long nw,
+                                                         int in_bf16) {
+    if (in_bf16) return vload_bf16((const uint16_t *)p + r * sl, sd, nw);
+    return vload((const float *)p + r * sl, sd, nw);
+}
+
+/* Steps [l0, l1) of one job. Always inlined, so that with constant N and in_bf16 (the wrappers below) the n
+ * loop is unrolled, the state h stays in registers within the chunk, and the loads are of one type. */
 static inline __attribute__((always_inline)) void fused_steps(
-        fused_job *jb, const float *B, const float *C, long N, int softplus, long l0, long l1, long L, long sl,
-        long sd, long yl, long yd, long bn, long bl, long cn, long cl) {
+        fused_job *jb, const float *B, const float *C, long N, int softplus, int in_bf16, long l0, long l1,
+        long L, long sl, long sd, long yl, long yd, long bn, long bl, long cn, long cl) {
     vw h[MAXN];
-    long nw = jb->nw;
+    long nw = jb->nw, esize = in_bf16 ? 2 : 4;
     for (long n = 0; n < N; ++n) h[n] = jb->h[n];
     for (long l = l0; l < l1; ++l) {
         if (l + FUSED_PREFETCH < L) {  /* step l + FUSED_PREFETCH's rows: their cache lines are on their way */
             long rp = jb->rows ? jb->rows[l + FUSED_PREFETCH] : l + FUSED_PREFETCH;
-            __builtin_prefetch(jb->u + rp * sl);
-            __builtin_prefetch(jb->delta + rp * sl);
+            __builtin_prefetch(jb->u + rp * sl * esize);
+            __builtin_prefetch(jb->delta + rp * sl * esize);
             __builtin_prefetch(jb->y + rp * yl, 1);
         }
         long r = jb->rows ? jb->rows[l] : l;  /* the row step l reads and writes */
-        vw uv = vload(jb->u + r * sl, sd, nw), dtv = vload(jb->delta + r * sl, sd, nw) + jb->bias, acc = {0};
+        vw uv = load_row(jb->u, r, sl, sd, nw, in_bf16), acc = {0};
+        vw dtv = load_row(jb->delta, r, sl, sd, nw, in_bf16) + jb->bias;
         if (softplus) dtv = vsoftplus(dtv);
         vw xv = dtv * uv;
         if (jb->shared) {
@@ -350,7 +374,7 @@ static inline __attribute__((always_inline)) void fused_steps(
         }
         acc += jb->dskip * uv;
         if (jb->z) {
-            vw zv = vload(jb->z + r * sl, sd, nw);
+            vw zv = load_row(jb->z, r, sl, sd, nw, in_bf16);
             acc *= zv / (1.0f + vexp(0.0f - zv));
         }
         vstore_strided(jb->y + r * yl, yd, acc, nw);
@@ -360,17 +384,22 @@ static inline __attribute__((always_inline)) void fused_steps(
 
 #define FUSED_STEPS_ARGS fused_job *jb, const float *B, const float *C, long N, int softplus, long l0, long l1, \
     long L, long sl, long sd, long yl, long yd, long bn, long bl, long cn, long cl
-#define FUSED_STEPS_CALL(NCONST) fused_steps(jb, B, C, NCONST, softplus, l0, l1, L, sl, sd, yl, yd, bn, bl, cn, cl)
-static void fused_steps_n16(FUSED_STEPS_ARGS) { FUSED_STEPS_CALL(16); }
-static void fused_steps_n8(FUSED_STEPS_ARGS) { FUSED_STEPS_CALL(8); }
-static void fused_steps_any(FUSED_STEPS_ARGS) { FUSED_STEPS_CALL(N); }
+#define FUSED_STEPS_CALL(NCONST, BF16) \
+    fused_steps(jb, B, C, NCONST, softplus, BF16, l0, l1, L, sl, sd, yl, yd, bn, bl, cn, cl)
+static void fused_steps_n16(FUSED_STEPS_ARGS) { FUSED_STEPS_CALL(16, 0); }
+static void fused_steps_n8(FUSED_STEPS_ARGS) { FUSED_STEPS_CALL(8, 0); }
+static void fused_steps_any(FUSED_STEPS_ARGS) { FUSED_STEPS_CALL(N, 0); }
+static void fused_steps_n16_bf16(FUSED_STEPS_ARGS) { FUSED_STEPS_CALL(16, 1); }
+static void fused_steps_n8_bf16(FUSED_STEPS_ARGS) { FUSED_STEPS_CALL(8, 1); }
+static void fused_steps_any_bf16(FUSED_STEPS_ARGS) { FUSED_STEPS_CALL(N, 1); }
 
 /* Inference forward with everything element-wise fused:
  *   dt = softplus(delta + bias) (each optional);  y = (scan(u, dt) + Dskip * u) * silu(z)  (each optional).
  * u, delta, z share strides (sb, sl, sd); y has its own (yb, yl, yd): both may be mamba's (batch, D, L).
  * B and C are read in place as (batch, G, N, L) through strides (bb, bg, bn, bl) and (cb, cg, cn, cl): a
  * time-invariant (D, N) matrix is G = D with zero batch and length strides, so nothing is expanded or copied.
- * bias, Dskip, z may be NULL. rows (batch, L), or NULL: step l of batch b reads row rows[b, l] of u, delta, z
+ * bias, Dskip, z may be NULL. u, delta and z are float32, or bfloat16 when in_bf16 (widened exactly as they
+ * are read: no float32 copies; the arithmetic is float32 either way). rows (batch, L), or NULL: step l of batch b reads row rows[b, l] of u, delta, z
  * and B and writes row rows[b, l] of y, while C is read in step order -- a scan over a permutation of the
  * sequence without permuted copies (MambaIRv2's semantic sort, whose prompt joins C in step order).
  *
@@ -380,8 +409,9 @@ static void fused_steps_any(FUSED_STEPS_ARGS) { FUSED_STEPS_CALL(N); }
  * row's lines from memory again for each block (channel-last rows are D floats apart). A job's arithmetic
  * does not depend on the chunking or on the other jobs. Returns -1, having written nothing, if the jobs'
  * state cannot be allocated; else 0. */
-int scan_fwd_fused_f32(const float *u, const float *delta, const float *bias, int softplus, const float *A,
-                       const float *B, const float *C, const float *Dskip, const float *z, float *y, float *last,
+int scan_fwd_fused_f32(const void *u, const void *delta, const float *bias, int softplus, int in_bf16,
+                       const float *A, const float *B, const float *C, const float *Dskip, const void *z, float *y,
+                       float *last,
                        const long *rows, long batch, long D, long N, long L, long G, long sb, long sl, long sd,
                        long yb, long yl, long yd, long bb, long bg, long bn, long bl,
                        long cb, long cg, long cn, long cl, long job_begin, long job_end) {
@@ -400,10 +430,10 @@ int scan_fwd_fused_f32(const float *u, const float *delta, const float *bias, in
             jb->coff[j] = b * cb + g * cg;
             jb->shared &= jb->boff[j] == jb->boff[0] && jb->coff[j] == jb->coff[0];
         }
-        long soff = b * sb + d0 * sd;
-        jb->u = u + soff;
-        jb->delta = delta + soff;
-        jb->z = z ? z + soff : NULL;
+        long soff = (b * sb + d0 * sd) * (in_bf16 ? 2 : 4);  /* bytes */
+        jb->u = (const char *)u + soff;
+        jb->delta = (const char *)delta + soff;
+        jb->z = z ? (const char *)z + soff : NULL;
         jb->y = y + b * yb + d0 * yd;
         jb->rows = rows ? rows + b * L : NULL;
         jb->B = B + jb->boff[0];
@@ -417,7 +447,10 @@ int scan_fwd_fused_f32(const float *u, const float *delta, const float *bias, in
             jb->h[n] = (vw){0};
         }
     }
-    void (*steps)(FUSED_STEPS_ARGS) = N == 16 ? fused_steps_n16 : N == 8 ? fused_steps_n8 : fused_steps_any;
+    void (*steps)(FUSED_STEPS_ARGS) = in_bf16 ? (N == 16 ? fused_steps_n16_bf16 : N == 8 ? fused_steps_n8_bf16
+                                                                                : fused_steps_any_bf16)
+                                              : (N == 16 ? fused_steps_n16 : N == 8 ? fused_steps_n8
+                                                                                    : fused_steps_any);
     for (long l0 = 0; l0 < L; l0 += FUSED_CHUNK) {
         long l1 = l0 + FUSED_CHUNK < L ? l0 + FUSED_CHUNK : L;
         for (long i = 0; i < njob; ++i)
@@ -510,17 +543,17 @@ void scan_bwd_f32(const float *u, const float *dt, const float *A, const float *
 #define RANGE_END (njobs * (i + 1) / nthreads)
 
 /* scan_fwd_fused_f32's ranges; returns their status, OR-ed. */
-int scan_fwd_fused_f32_omp(const float *u, const float *delta, const float *bias, int softplus, const float *A,
-                           const float *B, const float *C, const float *Dskip, const float *z, float *y,
-                           float *last, const long *rows, long batch, long D, long N, long L, long G, long sb,
+int scan_fwd_fused_f32_omp(const void *u, const void *delta, const float *bias, int softplus, int in_bf16,
+                           const float *A, const float *B, const float *C, const float *Dskip, const void *z,
+                           float *y, float *last, const long *rows, long batch, long D, long N, long L, long G, long sb,
                            long sl, long sd, long yb, long yl, long yd, long bb, long bg, long bn, long bl,
                            long cb, long cg, long cn, long cl, long njobs, int nthreads) {
     int status = 0;
 #pragma omp parallel for num_threads(nthreads) schedule(static, 1) reduction(| : status)
     for (int i = 0; i < nthreads; ++i)
-        status |= scan_fwd_fused_f32(u, delta, bias, softplus, A, B, C, Dskip, z, y, last, rows, batch, D, N, L,
-                                     G, sb, sl, sd, yb, yl, yd, bb, bg, bn, bl, cb, cg, cn, cl, RANGE_BEGIN,
-                                     RANGE_END);
+        status |= scan_fwd_fused_f32(u, delta, bias, softplus, in_bf16, A, B, C, Dskip, z, y, last, rows, batch,
+                                     D, N, L, G, sb, sl, sd, yb, yl, yd, bb, bg, bn, bl, cb, cg, cn, cl,
+                                     RANGE_BEGIN, RANGE_END);
     return status;
 }
 

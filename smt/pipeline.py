@@ -42,9 +42,9 @@ import yaml
 
 from smt.config import BenchmarkConfig, TrainConfig, _sections, load_params, load_section, parse_section
 
-__all__ = ["build_stages", "dvc_stage", "write_dvc_yaml", "stage_definitions", "stage_notebooks", "train_stage_name",
-           "StageDef", "EXECUTION_ONLY", "section_params", "code_deps", "import_closure", "import_graph", "package_data_files",
-           "ROOT", "RESULTS_DIR", "SELECTION_DIR", "REPORTS_DIR", "TIMINGS_DIR"]
+__all__ = ["build_stages", "dvc_stage", "write_dvc_yaml", "stage_definitions", "stage_notebooks",
+           "train_stage_name", "StageDef", "EXECUTION_ONLY", "section_params", "code_deps", "import_closure",
+           "import_graph", "package_data_files", "ROOT", "RESULTS_DIR", "SELECTION_DIR", "REPORTS_DIR", "TIMINGS_DIR"]
 
 ROOT = Path(__file__).resolve().parents[1]  # the folder holding smt/ and notebooks/ (and dvc.yaml)
 

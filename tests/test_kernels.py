@@ -363,3 +363,24 @@ def test_triton_kernels_compile_for_a_gpu_with_barriers_and_relaxed_atomics(arch
         if name == "_scan_bwd":
             assert ttgir.count("ttg.barrier") == 2, name
             assert ttgir.count("tt.atomic_rmw fadd, relaxed") == 3, name  # dC, dB per step; dA at the end
+
+
+def test_kernel_cache_key_covers_every_header_the_sources_include(tmp_path, monkeypatch):
+    """Each ``#include "..."`` of the C sources is in HEADERS (shipped as package data), and an edited header
+    gives another cached library: a stale binary built from the old constants is never loaded."""
+    import re
+
+    import smt.kernels.cpu_build as cpu_build
+
+    included = {name for src in cpu_build.SOURCES for name in re.findall(r'#include "([^"]+)"', src.read_text())}
+    assert included and included == {h.name for h in cpu_build.HEADERS}
+    assert all(h.parent == cpu_build.SOURCES[0].parent and h.exists() for h in cpu_build.HEADERS)
+    built = []
+    monkeypatch.setenv("SMT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_build, "_build", lambda target, cc, flags: built.append(target))
+    first = cpu_build._built("cc", cpu_build.FLAGS)
+    edited = tmp_path / cpu_build.HEADERS[0].name
+    edited.write_text(cpu_build.HEADERS[0].read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(cpu_build, "HEADERS", (edited, *cpu_build.HEADERS[1:]))
+    second = cpu_build._built("cc", cpu_build.FLAGS)
+    assert first != second and built == [first, second]

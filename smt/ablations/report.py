@@ -71,8 +71,8 @@ def ensemble_report(summary: pd.DataFrame, out_dir: str | Path, metrics_path: st
     base = singles.loc[singles.psnr_y.idxmax()]
     text = (f"The best configuration is {best.config} ({best.psnr_y:.3f} dB, {best.work:.0f}x the work of one plain "
             f"forward), {best.psnr_y - base.psnr_y:+.3f} dB over the best single model alone ({base.config}); "
-            + (f"{cheap.config} comes within 0.01 dB of it at {cheap.work:.0f}x the work. " if cheap.config != best.config
-               else "no cheaper configuration comes within 0.01 dB of it. ")
+            + (f"{cheap.config} comes within 0.01 dB of it at {cheap.work:.0f}x the work. "
+               if cheap.config != best.config else "no cheaper configuration comes within 0.01 dB of it. ")
             + f"Inference is deterministic "
             f"(no seed spread); with few validation images, gaps of a few hundredths of a dB describe these "
             f"images only.")
@@ -121,14 +121,14 @@ def fusion_report(curves: pd.DataFrame, fitted_weight: float, out_dir: str | Pat
     fig.tight_layout()
     path = save_figure(fig, out_dir / "fusion_curves.png")
     v = table.loc["valid"]
-    text = (f"The validation optimum is w = {v.best_weight:.2f} ({v['gain_over_0.5']:+.3f} dB over the submission's 0.5); "
-            f"per-image optima range from {v.per_image_best_weight_min:.2f} to {v.per_image_best_weight_max:.2f}, "
-            f"so the fitted weight is uncertain at that scale")
+    text = (f"The validation optimum is w = {v.best_weight:.2f} ({v['gain_over_0.5']:+.3f} dB over the "
+            f"submission's 0.5); per-image optima range from {v.per_image_best_weight_min:.2f} to "
+            f"{v.per_image_best_weight_max:.2f}, so the fitted weight is uncertain at that scale")
     if "test" in table.index:
         t = table.loc["test"]
         text += (f"; on the test images the fitted weight gives {t.psnr_y_at_fitted_weight:.3f} dB against their own "
-                 f"optimum {t.best_psnr_y:.3f} dB at w = {t.best_weight:.2f} (a {t.best_psnr_y - t.psnr_y_at_fitted_weight:.3f} dB "
-                 f"transfer loss)")
+                 f"optimum {t.best_psnr_y:.3f} dB at w = {t.best_weight:.2f} "
+                 f"(a {t.best_psnr_y - t.psnr_y_at_fitted_weight:.3f} dB transfer loss)")
     text += "."
     write_json(metrics_path, {s: r.to_dict() for s, r in table.iterrows()})
     return table, text, path

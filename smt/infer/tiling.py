@@ -81,7 +81,8 @@ def blend_window(h: int, w: int, ramps: tuple[int, int, int, int], device=None, 
 
 
 @torch.no_grad()
-def tiled_forward(forward: Forward, x: torch.Tensor, scale: int, tile: int, overlap: int, batch: int = 4) -> torch.Tensor:
+def tiled_forward(forward: Forward, x: torch.Tensor, scale: int, tile: int, overlap: int,
+                  batch: int = 4) -> torch.Tensor:
     """SR of ``x`` (1, C, H, W) by tiles; ``tile <= 0`` or a tile covering the image = one whole forward."""
     if x.shape[0] != 1:
         raise ValueError(f"tiled_forward takes one image at a time, got a batch of {x.shape[0]}")

@@ -358,7 +358,8 @@ def upscale_files(files: Sequence[Path], out_dir: str | Path, runner: "SingleMod
                   tile: int | str | None = None, suffix: str | None = None, overwrite: bool = False,
                   progress: bool = True, log: Callable[[str], None] = lambda m: tqdm.write(m)) -> UpscaleSummary:
     """Upscale ``files`` into ``out_dir`` with ``runner``; ``tile`` (``None``: the runner's own, ``'auto'`` or an
-    int) sets the single-window tile; a bare model runs as :class:`SingleModel`. Failures are collected with their reason, never raised."""
+    int) sets the single-window tile; a bare model runs as :class:`SingleModel`. Failures are collected with their
+    reason, never raised."""
     out_dir = Path(out_dir)
     if isinstance(runner, torch.nn.Module):
         runner = SingleModel(runner)

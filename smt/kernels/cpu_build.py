@@ -22,10 +22,11 @@ from pathlib import Path
 
 from smt.files import atomic_path
 
-__all__ = ["load_library", "SOURCES", "build_error", "openmp_library", "openmp_status"]
+__all__ = ["load_library", "SOURCES", "HEADERS", "build_error", "openmp_library", "openmp_status"]
 
 SOURCES = tuple(Path(__file__).parent / "csrc" / name
                 for name in ("selective_scan.c", "window_attention.c", "mt19937.c"))
+HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("exp2_taylor.h",))  # included by SOURCES
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
 # attn_bf16_omp's arguments up to its task count: q, k, v, bias, o; heads, n, m, D; scale; 15 strides
 _ATTN_ARGS = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 4 + [ctypes.c_float] + [ctypes.c_long] * 15
@@ -95,8 +96,8 @@ def load_library() -> ctypes.CDLL | None:
 
 
 def _built(cc: str, flags: list[str]) -> Path:
-    """The library built from SOURCES with ``flags`` for this CPU (cached)."""
-    sources = b"".join(p.read_bytes() for p in SOURCES)
+    """The library built from SOURCES (and the HEADERS they include) with ``flags`` for this CPU (cached)."""
+    sources = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     key = hashlib.sha256(sources + " ".join(flags).encode() + _cpu_key().encode()).hexdigest()[:16]
     target = _cache_dir() / f"kernels_{key}.so"
     if not target.exists():

@@ -207,8 +207,8 @@ def _fused_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, rows=Non
     ptr = lambda t: t.data_ptr() if t is not None else None  # noqa: E731
     args = (u.data_ptr(), delta.data_ptr(), ptr(bias), int(bool(delta_softplus)), int(in_bf16), A.data_ptr(),
             Bg.data_ptr(), Cg.data_ptr(), ptr(Dv), ptr(z), y.data_ptr(), last.data_ptr(), ptr(rows), batch, dim,
-            A.shape[1], length, Bg.shape[1], u.stride(0), u.stride(2), u.stride(1), y.stride(0), y.stride(2), y.stride(1),
-            *Bg.stride(), *Cg.stride())
+            A.shape[1], length, Bg.shape[1], u.stride(0), u.stride(2), u.stride(1), y.stride(0), y.stride(2),
+            y.stride(1), *Bg.stride(), *Cg.stride())
     njobs, nthreads = _cpu_jobs(lib, batch, dim), max(1, torch.get_num_threads())
     omp = _openmp()
     if omp is not None:

@@ -32,8 +32,8 @@ def _title(stage: str) -> str:
 
 
 def _table(summary: Mapping[str, Mapping[str, float]]) -> str:
-    head = ("<tr><th>method</th><th>PSNR-Y (dB)<br>(gain over bicubic)</th><th>SSIM-Y</th><th>PSNR-RGB (dB)</th><th>SSIM-RGB</th>"
-            "<th>colour shift<br>mean / max</th></tr>")
+    head = ("<tr><th>method</th><th>PSNR-Y (dB)<br>(gain over bicubic)</th><th>SSIM-Y</th><th>PSNR-RGB (dB)</th>"
+            "<th>SSIM-RGB</th><th>colour shift<br>mean / max</th></tr>")
     opt = lambda v, k, f: format(v[k], f) if k in v else "&ndash;"  # noqa: E731
     floor = summary.get("bicubic", {}).get("psnr_y")
     gain = lambda m, v: f" ({v['psnr_y'] - floor:+.2f})" if floor is not None and m != "bicubic" else ""  # noqa: E731
@@ -66,13 +66,18 @@ def write_index(reports_dir: str | Path, metrics: Mapping, protocol: str, data_n
         for split, summary in metrics.items()
         if split in ("valid", "test")
     )
+    verdict = ""  # the generalisation verdict, red where a method falls below bicubic
+    if metrics.get("generalisation"):
+        colour = "#c00" if any(metrics.get("below_bicubic", {}).values()) else "#080"
+        verdict = (f'<p style="font-size:1.1em;padding:.5em;border-left:4px solid {colour}"><b>Against bicubic.</b> '
+                   f'{html.escape(metrics["generalisation"])}</p>')
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>SMT reports</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #bbb;padding:.3em .7em;text-align:right}}td:first-child{{text-align:left}}</style>
 </head><body>
 <h1>SMT: NTIRE 2025 x4 super-resolution, reproduced</h1>
-{('<p style="font-size:1.1em;padding:.5em;border-left:4px solid ' + ('#c00' if any(metrics.get('below_bicubic', {}).values()) else '#080') + '"><b>Against bicubic.</b> ' + html.escape(metrics['generalisation']) + '</p>') if metrics.get('generalisation') else ''}
+{verdict}
 <p><b>Protocol.</b> {html.escape(protocol)}. Mean over images. Colour shift: the largest over R, G, B of
 |mean(SR &minus; HR)| on the scored region, in grey levels (mean over images / worst image).</p>
 <p><b>Data.</b> {html.escape(data_note)}</p>

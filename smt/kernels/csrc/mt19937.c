@@ -65,7 +65,7 @@ enum { BLOCK = 2048 }; /* draws converted per pass (two words each) */
  * words; left, next: the generator's fields; all three are advanced in place. Returns 0, or -1 if left or next
  * are out of range (a state this code does not understand; nothing is changed). */
 int mt_neg_uniform53(uint32_t *state, int64_t *left, int64_t *next, long n, double *out) {
-    if (*left < 1 || *left > MT_N || *next < 0 || *next > MT_N || *next + *left - 1 > MT_N) return -1;
+    if (*left < 1 || *left > MT_N || *next < 0 || *next + *left - 1 > MT_N) return -1;
     uint32_t words[2 * BLOCK];
     for (long i0 = 0; i0 < n; i0 += BLOCK) {
         long m = n - i0 < BLOCK ? n - i0 : BLOCK;

@@ -26,6 +26,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "exp2_taylor.h"
+
 /* W: channels per SIMD block, one vector of float. The compiler says what this CPU has (-march=native, see
  * cpu_build.py): 16 lanes (512 bits) where AVX-512F is available, else 8 (256 bits; AVX2, or split by the
  * compiler on narrower units). Each lane's arithmetic is the same either way. */
@@ -138,7 +140,7 @@ static inline vw vsplat(float x) { return (vw){0} + x; }
 static inline vw vexp(vw x) {
     x = vsel(x < -87.0f, (vw){0} - 87.0f, x);
     x = vsel(x > 88.0f, (vw){0} + 88.0f, x);
-    vwi ki = __builtin_convertvector(x * 1.44269504088896341f + 128.5f, vwi);  /* k + 128 > 0: trunc = floor */
+    vwi ki = __builtin_convertvector(x * LOG2E + 128.5f, vwi);  /* k + 128 > 0: trunc = floor */
     vw kf = __builtin_convertvector(ki, vw) - 128.0f;
     vw r = x - kf * 0.693145751953125f;
     r = r - kf * 1.428606765330187045e-06f;
@@ -172,12 +174,12 @@ static inline vw vexp2(vw x) {
     vw k = (x + 12582912.0f) - 12582912.0f; /* + 1.5 * 2^23 rounds to an integer, to nearest even */
     vw f = x - k;
 #endif
-    vw p = f * 1.5403530393381609e-4f + 1.3333558146428443e-3f; /* ln2^i / i!, i = 6 .. 0 */
-    p = p * f + 9.6181291076284772e-3f;
-    p = p * f + 5.5504108664821580e-2f;
-    p = p * f + 2.4022650695910071e-1f;
-    p = p * f + 6.9314718055994531e-1f;
-    p = p * f + 1.0f;
+    vw p = f * EXP2_T6 + EXP2_T5;
+    p = p * f + EXP2_T4;
+    p = p * f + EXP2_T3;
+    p = p * f + EXP2_T2;
+    p = p * f + EXP2_T1;
+    p = p * f + EXP2_T0;
 #if defined(__AVX512F__) && W == 16
     return (vw)_mm512_scalef_ps((__m512)p, k);
 #else
@@ -443,7 +445,7 @@ int scan_fwd_fused_f32(const void *u, const void *delta, const float *bias, int 
         jb->dskip = Dskip ? vload(Dskip + d0, 1, nw) : (vw){0};
         load_a(A, d0, nw, N, jb->a);
         for (long n = 0; n < N; ++n) {
-            jb->a[n] *= 1.44269504088896341f; /* log2(e): the steps take exp(dt A) as 2^(dt A log2(e)) */
+            jb->a[n] *= LOG2E; /* the steps take exp(dt A) as 2^(dt A log2(e)) */
             jb->h[n] = (vw){0};
         }
     }

@@ -29,6 +29,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "exp2_taylor.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define HAVE_BF16_DOT 1
@@ -54,12 +56,12 @@ static inline __m512 exp2_nonpositive(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
     __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(1.3333558146428443e-3f); /* ln2^i / i!, i = 5 .. 0 */
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    __m512 p = _mm512_set1_ps(EXP2_T5);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_T4));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_T3));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_T2));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_T1));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_T0));
     return _mm512_scalef_ps(p, n);
 }
 
@@ -71,7 +73,6 @@ static inline uint32_t load_pair(const uint16_t *p) {
 
 static inline __m512bh bcast_pair(uint32_t pair) { return (__m512bh)_mm512_set1_epi32((int)pair); }
 
-#define LOG2E 1.44269504088896341f
 
 /* s[r][j] = q_r . k_j for `rows` (<= ROWS) rows and j < mpad, from kp (dpairs x mpad pairs, zero past m). */
 static void qk_rows_bf16(const uint16_t *q, long qn, int rows, const uint32_t *kp, long dpairs, long mpad,

@@ -266,6 +266,22 @@ def test_fused_forward_reads_bfloat16_inputs_as_their_float32_copies_exactly(lay
     assert want.abs().max() > 1 and torch.isfinite(want).all()
 
 
+def test_inputs_of_unequal_strides_are_copied_to_the_layout_of_u():
+    """The fused forward needs one set of strides for u, delta and z: a channel-last u (MambaIRv2's tokens) keeps
+    all three channel-last, read with vector loads (bf16 autocast's delta is a slice of a padded GEMM output);
+    a channel-first u keeps them channel-first. Values unchanged."""
+    from smt.kernels.selective_scan import _common_layout
+
+    g = torch.Generator().manual_seed(4)
+    u = torch.randn(2, 300, 37, generator=g).bfloat16().transpose(1, 2)  # (b, D, L), channel-last memory
+    delta = torch.randn(2, 300, 48, generator=g).bfloat16()[..., :37].transpose(1, 2)  # padded rows, sliced
+    cu, cd, cz = _common_layout(u, delta, None)
+    assert cz is None and cu.stride() == cd.stride() == (300 * 37, 1, 37)
+    assert torch.equal(cu, u) and torch.equal(cd, delta)
+    fu, fd, fz = _common_layout(u.contiguous(), delta, delta)
+    assert fu.stride() == fd.stride() == fz.stride() == (37 * 300, 300, 1) and torch.equal(fd, delta)
+
+
 @pytest.mark.skipif(not HAS_CPU_KERNEL, reason="no C compiler")
 def test_scan_over_rows_refuses_what_is_not_a_permutation_and_autograd():
     ins = {k: v.float() for k, v in _inputs(1, 8, 4, 6, "bnl").items() if k != "z"}

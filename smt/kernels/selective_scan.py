@@ -246,7 +246,8 @@ def _is_permutation(rows: torch.Tensor) -> bool:
     length = rows.shape[-1]
     if rows.numel() == 0:
         return True
-    if int(rows.min()) < 0 or int(rows.max()) >= length:
+    lo, hi = torch.aminmax(rows)
+    if int(lo) < 0 or int(hi) >= length:
         return False
     return bool(torch.zeros(rows.shape, dtype=torch.bool).scatter_(-1, rows, True).all())
 

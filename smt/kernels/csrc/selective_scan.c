@@ -334,11 +334,16 @@ typedef struct {
 
 enum { FUSED_CHUNK = 256, FUSED_PREFETCH = 4 };  /* steps per chunk; rows prefetched ahead (measured) */
 
+/* Element e of u, delta or z, whose elements are float32, or bfloat16 when in_bf16. */
+static inline const char *in_elem(const void *p, long e, int in_bf16) {
+    return (const char *)p + e * (in_bf16 ? 2 : 4);
+}
+
 /* Row r of u, delta or z (element strides sl, sd) as W floats: float32, or bfloat16 widened (in_bf16). */
 static inline __attribute__((always_inline)) vw load_row(const char *p, long r, long sl, long sd, long nw,
                                                          int in_bf16) {
-    if (in_bf16) return vload_bf16((const uint16_t *)p + r * sl, sd, nw);
-    return vload((const float *)p + r * sl, sd, nw);
+    if (in_bf16) return vload_bf16((const uint16_t *)in_elem(p, r * sl, 1), sd, nw);
+    return vload((const float *)in_elem(p, r * sl, 0), sd, nw);
 }
 
 /* Steps [l0, l1) of one job. Always inlined, so that with constant N and in_bf16 (the wrappers below) the n
@@ -347,13 +352,13 @@ static inline __attribute__((always_inline)) void fused_steps(
         fused_job *jb, const float *B, const float *C, long N, int softplus, int in_bf16, long l0, long l1,
         long L, long sl, long sd, long yl, long yd, long bn, long bl, long cn, long cl) {
     vw h[MAXN];
-    long nw = jb->nw, esize = in_bf16 ? 2 : 4;
+    long nw = jb->nw;
     for (long n = 0; n < N; ++n) h[n] = jb->h[n];
     for (long l = l0; l < l1; ++l) {
         if (l + FUSED_PREFETCH < L) {  /* step l + FUSED_PREFETCH's rows: their cache lines are on their way */
             long rp = jb->rows ? jb->rows[l + FUSED_PREFETCH] : l + FUSED_PREFETCH;
-            __builtin_prefetch(jb->u + rp * sl * esize);
-            __builtin_prefetch(jb->delta + rp * sl * esize);
+            __builtin_prefetch(in_elem(jb->u, rp * sl, in_bf16));
+            __builtin_prefetch(in_elem(jb->delta, rp * sl, in_bf16));
             __builtin_prefetch(jb->y + rp * yl, 1);
         }
         long r = jb->rows ? jb->rows[l] : l;  /* the row step l reads and writes */
@@ -401,9 +406,10 @@ static void fused_steps_any_bf16(FUSED_STEPS_ARGS) { FUSED_STEPS_CALL(N, 1); }
  * B and C are read in place as (batch, G, N, L) through strides (bb, bg, bn, bl) and (cb, cg, cn, cl): a
  * time-invariant (D, N) matrix is G = D with zero batch and length strides, so nothing is expanded or copied.
  * bias, Dskip, z may be NULL. u, delta and z are float32, or bfloat16 when in_bf16 (widened exactly as they
- * are read: no float32 copies; the arithmetic is float32 either way). rows (batch, L), or NULL: step l of batch b reads row rows[b, l] of u, delta, z
- * and B and writes row rows[b, l] of y, while C is read in step order -- a scan over a permutation of the
- * sequence without permuted copies (MambaIRv2's semantic sort, whose prompt joins C in step order).
+ * are read: no float32 copies; the arithmetic is float32 either way). rows (batch, L), or NULL: step l of
+ * batch b reads row rows[b, l] of u, delta, z and B and writes row rows[b, l] of y, while C is read in step
+ * order -- a scan over a permutation of the sequence without permuted copies (MambaIRv2's semantic sort, whose
+ * prompt joins C in step order).
  *
  * The jobs of the range advance together, FUSED_CHUNK steps at a time, each carrying its state from chunk
  * to chunk: a chunk's rows of u, delta and y (whole cache lines shared by neighbouring channel blocks) then
@@ -413,9 +419,8 @@ static void fused_steps_any_bf16(FUSED_STEPS_ARGS) { FUSED_STEPS_CALL(N, 1); }
  * state cannot be allocated; else 0. */
 int scan_fwd_fused_f32(const void *u, const void *delta, const float *bias, int softplus, int in_bf16,
                        const float *A, const float *B, const float *C, const float *Dskip, const void *z, float *y,
-                       float *last,
-                       const long *rows, long batch, long D, long N, long L, long G, long sb, long sl, long sd,
-                       long yb, long yl, long yd, long bb, long bg, long bn, long bl,
+                       float *last, const long *rows, long batch, long D, long N, long L, long G, long sb,
+                       long sl, long sd, long yb, long yl, long yd, long bb, long bg, long bn, long bl,
                        long cb, long cg, long cn, long cl, long job_begin, long job_end) {
     long njob = job_end - job_begin;
     if (njob <= 0) return 0;
@@ -432,10 +437,10 @@ int scan_fwd_fused_f32(const void *u, const void *delta, const float *bias, int 
             jb->coff[j] = b * cb + g * cg;
             jb->shared &= jb->boff[j] == jb->boff[0] && jb->coff[j] == jb->coff[0];
         }
-        long soff = (b * sb + d0 * sd) * (in_bf16 ? 2 : 4);  /* bytes */
-        jb->u = (const char *)u + soff;
-        jb->delta = (const char *)delta + soff;
-        jb->z = z ? (const char *)z + soff : NULL;
+        long soff = b * sb + d0 * sd;
+        jb->u = in_elem(u, soff, in_bf16);
+        jb->delta = in_elem(delta, soff, in_bf16);
+        jb->z = z ? in_elem(z, soff, in_bf16) : NULL;
         jb->y = y + b * yb + d0 * yd;
         jb->rows = rows ? rows + b * L : NULL;
         jb->B = B + jb->boff[0];

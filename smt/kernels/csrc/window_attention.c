@@ -73,7 +73,6 @@ static inline uint32_t load_pair(const uint16_t *p) {
 
 static inline __m512bh bcast_pair(uint32_t pair) { return (__m512bh)_mm512_set1_epi32((int)pair); }
 
-
 /* s[r][j] = q_r . k_j for `rows` (<= ROWS) rows and j < mpad, from kp (dpairs x mpad pairs, zero past m). */
 static void qk_rows_bf16(const uint16_t *q, long qn, int rows, const uint32_t *kp, long dpairs, long mpad,
                          float *s) {

@@ -125,14 +125,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from smt.config import load_section
-    from smt.export import export_bundle, export_model
+    from smt.export import export_bundle, export_checkpoint, export_model
 
-    train_cfg = load_section("train", args.params)
     if args.name == "bundle":
-        out = export_bundle(train_cfg, load_section("infer", args.params), load_section("data", args.params).scale,
-                            Path(args.results) / "fusion.json", args.output)
+        if args.checkpoint or args.layout != "official":
+            raise ValueError("export bundle: --checkpoint and --layout apply to one model (hat, mambairv2), "
+                             "not to the bundle")
+        out = export_bundle(load_section("train", args.params), load_section("infer", args.params),
+                            load_section("data", args.params).scale, Path(args.results) / "fusion.json", args.output)
+    elif args.checkpoint:
+        out = export_checkpoint(args.checkpoint, args.output, args.layout, args.model, expect_arch=args.name)
     else:
-        out = export_model(train_cfg, args.name, args.output)
+        out = export_model(load_section("train", args.params), args.name, args.output, args.layout)
     print(f"wrote {out}")
     return 0
 
@@ -290,8 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "with native bf16)")
     p.set_defaults(func=_cmd_upscale)
     p = sub.add_parser("export", help="export a trained model (.pth / .safetensors) or the whole method (bundle)")
-    p.add_argument("name", help="a model of the pipeline (train.models: hat, mambairv2) or 'bundle'")
+    p.add_argument("name", help="a model of the pipeline (train.models: hat, mambairv2) or 'bundle'; with "
+                                "--checkpoint, the family the file must be (hat, mambairv2)")
     p.add_argument("-o", "--output", required=True, help=".pth ({'params_ema': ...}) or .safetensors")
+    p.add_argument("--checkpoint", help="convert this file (official, ours or the authors') instead of the "
+                                        "pipeline's trained weights")
+    p.add_argument("--model", help="preset of --checkpoint (default: from its metadata or its weights)")
+    p.add_argument("--layout", default="official",
+                   help="official (default: {'params_ema': ...}, official keys, no extra upsamplers) or bbox "
+                        "(the authors' released layout: {'params': ...}, .pth only)")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--results", default="results", help="the run's results folder (bundle: its fusion.json)")
     p.set_defaults(func=_cmd_export)

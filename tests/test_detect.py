@@ -47,7 +47,7 @@ def test_detects_released_presets_at_each_scale(name, scale):
     _assert_detects(net.state_dict(), arch, {**config, "upscale": scale})
 
 
-def test_aux_heads_are_ignored_by_detection():
+def test_extra_upsamplers_are_ignored_by_detection():
     net = build_model("hat_tiny", aux_scales=(2, 3))
     arch, kwargs = detect_architecture(net.state_dict())
     assert arch == "hat" and kwargs["upscale"] == 4 and "aux_scales" not in kwargs

@@ -101,7 +101,7 @@ def test_padding_equals_official_within_one_mirror():
 
 
 @pytest.mark.parametrize("name", ["hat_tiny", "mambairv2_tiny"])
-def test_aux_heads_multiscale_and_gradients(name):
+def test_extra_scales_share_the_main_head_and_all_get_gradients(name):
     torch.manual_seed(0)
     model = build_model(name, aux_scales=(2, 3)).train()
     x = torch.rand(2, 3, 16, 16)
@@ -112,18 +112,34 @@ def test_aux_heads_multiscale_and_gradients(name):
     # the router of a MambaIRv2 layer gets gradient through the straight-through Gumbel estimator
     assert no_grad == []
     plain = build_model(name)
-    assert set(plain.state_dict()) == {k for k in model.state_dict() if not k.startswith("aux_heads.")}
+    assert set(plain.state_dict()) == {k for k in model.state_dict() if not k.startswith("aux_upsample.")}
+    # the authors' heads: only the upsampler differs per scale (one conv_before_upsample, one conv_last)
+    assert {k for k in model.state_dict() if k.startswith("aux_upsample.")} == {
+        "aux_upsample.x2.0.weight", "aux_upsample.x2.0.bias", "aux_upsample.x3.0.weight", "aux_upsample.x3.0.bias"}
+    assert tuple(model.aux_upsample["x3"][0].weight.shape)[:2] == (9 * model.conv_last.in_channels,
+                                                                  model.conv_last.in_channels)
+    model.eval()
+    if hasattr(model, "routing"):
+        model.routing = "argmax"
+    with torch.no_grad():
+        outs = model.forward_multiscale(x)
+        feat, h, w = model._body(x)
+        shared = model.conv_before_upsample(feat)
+        for s, up in ((2, model.aux_upsample["x2"]), (3, model.aux_upsample["x3"])):
+            expected = model.conv_last(up(shared)) / model.img_range + model.mean
+            assert torch.equal(outs[s], expected[..., : h * s, : w * s])
+        assert torch.equal(outs[4], model(x))
 
 
 def test_load_official_into_aux_model_reports_heads(tmp_path):
     path = tmp_path / "official.pth"
     torch.save({"params_ema": HAT_REF["state_dict"]}, path)
     model = HAT(**HAT_REF["config"], aux_scales=(2, 3))
-    with pytest.raises(CheckpointError, match=r"missing from the checkpoint \(\d+\): aux_heads\.x2"):
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint \(\d+\): aux_upsample\.x2"):
         load_weights(model, path)
-    report = load_weights(model, path, allow_missing=("aux_heads.",))
-    assert report.container == "params_ema" and report.missing_allowed[0].startswith("aux_heads.x2.")
-    assert "aux_heads.x2.conv_before_upsample.0.weight" in report.describe()
+    report = load_weights(model, path, allow_missing=("aux_upsample.",))
+    assert report.container == "params_ema" and report.missing_allowed[0].startswith("aux_upsample.x2.")
+    assert "left at init: aux_upsample.x2, aux_upsample.x3" in report.describe()
     assert torch.equal(model.conv_first.weight, HAT_REF["state_dict"]["conv_first.weight"].float())
 
 
@@ -180,7 +196,7 @@ def test_load_model_gives_the_same_model_from_preset_metadata_or_weights(name, t
     outs = []
     for net in (load_model(with_meta, name, routing="argmax"), load_model(with_meta, routing="argmax"),
                 load_model(bare, routing="argmax")):
-        assert not net.training and not any(k.startswith("aux_heads.") for k in net.state_dict())  # main head only
+        assert not net.training and not any(k.startswith("aux_upsample.") for k in net.state_dict())  # main head only
         assert getattr(net, "routing", "argmax") == "argmax"
         with torch.no_grad():
             outs.append(net(x))

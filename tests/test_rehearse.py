@@ -93,11 +93,11 @@ def test_pretrained_standin_has_the_basicsr_layout_and_loads_from_params_ema(tmp
     info = write_pretrained_standin("hat_tiny", path)
     raw = torch.load(path, weights_only=True)
     assert sorted(raw) == ["params", "params_ema"] == info["container"]
-    assert not any(k.startswith("aux_heads.") for k in raw["params_ema"])
+    assert not any(k.startswith("aux_upsample.") for k in raw["params_ema"])
     net = build_model("hat_tiny", aux_scales=(2, 3))
-    report = load_weights(net, path, allow_missing=("aux_heads.",))
+    report = load_weights(net, path, allow_missing=("aux_upsample.",))
     assert report.container == "params_ema" and report.missing_allowed
-    assert all(k.startswith("aux_heads.") for k in report.missing_allowed)
+    assert all(k.startswith("aux_upsample.") for k in report.missing_allowed)
     name = next(k for k, v in raw["params_ema"].items() if v.is_floating_point() and v.abs().sum() > 0)
     assert torch.equal(net.state_dict()[name], raw["params_ema"][name])
     assert not torch.equal(net.state_dict()[name], raw["params"][name])

@@ -132,7 +132,7 @@ def test_next_stage_starts_from_previous_and_pretrained_reports_heads(tmp_path, 
     train_stage(cfg, "hat", 1, "s1", demo_root, 4, log=lambda m: None)
     messages = []
     train_stage(cfg, "hat", 1, "s2", demo_root, 4, log=messages.append)
-    assert any("r1_s1/model.safetensors: loaded" in m and "aux_heads" not in m for m in messages)
+    assert any("r1_s1/model.safetensors: loaded" in m and "aux_upsample" not in m for m in messages)
     # an official-style checkpoint (no auxiliary heads) as the pretrained start
     from smt.models import build_model
 
@@ -141,7 +141,7 @@ def test_next_stage_starts_from_previous_and_pretrained_reports_heads(tmp_path, 
     cfg2 = _train_cfg(tmp_path / "p", models={"hat": {"preset": "hat_tiny", "pretrained": str(official)}})
     messages = []
     train_stage(cfg2, "hat", 1, "s1", demo_root, 4, max_steps=1, log=messages.append)
-    assert any("not in the checkpoint, left at init: aux_heads.x2" in m for m in messages)
+    assert any("not in the checkpoint, left at init: aux_upsample.x2" in m for m in messages)
 
 
 def test_non_finite_loss_stops_and_keeps_last_state(tmp_path, demo_root, monkeypatch):

@@ -110,7 +110,7 @@ def test_export_pth_is_the_official_layout_without_aux_heads(run, tmp_path):
     obj = torch.load(out, weights_only=True)
     assert list(obj) == ["params_ema"]
     state = obj["params_ema"]
-    assert not any(k.startswith("aux_heads.") for k in state)
+    assert not any(k.startswith("aux_upsample.") for k in state)
     ref = build_model("hat_tiny")
     assert set(state) == set(ref.state_dict())
     ref.load_state_dict(state, strict=True)
@@ -131,7 +131,7 @@ def test_export_safetensors_carries_architecture_metadata(run, tmp_path):
         meta, keys = fh.metadata(), list(fh.keys())
     args = json.loads(meta["model_args"])
     assert meta["arch"] == "mambairv2" and meta["scale"] == "4" and meta["upsampler"] == "pixelshuffle"
-    assert "aux_scales" not in args and not any(k.startswith("aux_heads.") for k in keys)
+    assert "aux_scales" not in args and not any(k.startswith("aux_upsample.") for k in keys)
     assert set(keys) == set(build_model("mambairv2_tiny").state_dict())
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from smt.models.common import AUX_PREFIX, LEGACY_AUX_PREFIX
 from smt.models.hat import HAT
 from smt.models.loading import CheckpointError, LoadReport, load_weights, read_metadata, read_state_dict
 from smt.models.mambairv2 import MambaIRv2, MambaIRv2Light
@@ -35,8 +37,9 @@ def load_model(checkpoint: str | os.PathLike, preset_name: str | None = None, de
                routing: str | None = None, **overrides: Any) -> nn.Module:
     """A trained model for inference, in eval mode on ``device``: the architecture is preset ``preset_name``
     (with constructor ``overrides``), else the one our exported ``.safetensors`` metadata names, else the one
-    detected from the weights (:mod:`smt.models.detect`); the weights load strictly, with the auxiliary heads of
-    training dropped. ``routing`` sets MambaIRv2's prompt routing (ignored by architectures without one)."""
+    detected from the weights (:mod:`smt.models.detect`); the weights load strictly, in our layout or the
+    authors' (:mod:`smt.models.layouts`), with the extra upsamplers of multi-scale training dropped and named
+    once on stderr. ``routing`` sets MambaIRv2's prompt routing (ignored by architectures without one)."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint}: checkpoint file not found")
@@ -56,7 +59,9 @@ def load_model(checkpoint: str | os.PathLike, preset_name: str | None = None, de
         net = ARCHITECTURES[arch](**{**kwargs, **overrides})
     if routing is not None and hasattr(net, "routing"):
         net.routing = routing
-    load_weights(net, checkpoint, ignore_unexpected=("aux_heads.",))
+    report = load_weights(net, checkpoint, ignore_unexpected=(AUX_PREFIX, LEGACY_AUX_PREFIX))
+    if report.unused or report.layout != "official":
+        print(report.describe(), file=sys.stderr)
     return net.to(device).eval()
 
 

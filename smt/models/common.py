@@ -35,7 +35,8 @@ from einops import rearrange
 
 from smt.kernels.attention import bf16_kernel_applies, cpu_bf16_attention_available, fast_paths_enabled
 
-__all__ = ["SRHeads", "AuxHead", "window_partition", "window_reverse", "relative_position_index",
+__all__ = ["SRHeads", "AUX_PREFIX", "LEGACY_AUX_PREFIX",
+           "window_partition", "window_reverse", "relative_position_index",
            "overlap_relative_position_index", "shifted_window_mask", "shift_region_masks", "relative_position_bias",
            "RelativeBiasCache", "attend_windows", "WindowOrder", "window_order", "windows_gather", "windows_scatter",
            "attend_window_groups", "attend_ordered_windows", "head_padded_qkv", "FastLinear", "fast_linear",
@@ -504,22 +505,23 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, mode: str) -> tuple[torch.Te
 
 
 
-class AuxHead(nn.Module):
-    """An extra upsampling head (scale-aware training): conv + LeakyReLU, Upsample(scale), conv to RGB."""
-
-    def __init__(self, embed_dim: int, num_feat: int, scale: int, out_chans: int) -> None:
-        super().__init__()
-        self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
-        self.upsample = Upsample(scale, num_feat)
-        self.conv_last = nn.Conv2d(num_feat, out_chans, 3, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_last(self.upsample(self.conv_before_upsample(x)))
+# Key prefix of the extra upsamplers of multi-scale training (``aux_upsample.x<s>.*``). A model built without
+# ``aux_scales`` has exactly the official keys; loaders drop or allow these keys by this prefix.
+AUX_PREFIX = "aux_upsample."
+# Prefix of the previous releases' auxiliary heads (each with its own conv_before_upsample and conv_last): files
+# of those releases still load for inference, their extra heads reported as unused.
+LEGACY_AUX_PREFIX = "aux_heads."
 
 
 class SRHeads(nn.Module):
     """Shared parts of HAT and MambaIRv2: argument checks, the input mean, the x``upscale`` head, optional
-    auxiliary heads, de-normalisation and the crop back to the input's size. Subclasses define
+    extra upsamplers, de-normalisation and the crop back to the input's size.
+
+    Multi-scale ("scale-aware") training as the authors built it: every scale shares the body, the x``upscale``
+    head's ``conv_before_upsample`` and its ``conv_last``; only the upsampler differs per scale (``upsample`` for
+    the main scale, ``aux_upsample.x<s>`` for each of ``aux_scales``; the authors' MambaIRv2_Multiscale names
+    them ``upsample2/3/4``, their MSHAT ``upsample``/``upsample_1x``/``upsample_2x``: see
+    :mod:`smt.models.layouts`). Subclasses define
     ``_body(x) -> (features, h, w)`` and call :meth:`_check_args`, :meth:`_register_mean` and
     :meth:`_build_heads` where the official constructor creates those parts (so parameters are created, and
     the RNG consumed, in the official order)."""
@@ -549,25 +551,27 @@ class SRHeads(nn.Module):
         self.upsample = Upsample(self.upscale, num_feat)
         self.conv_last = nn.Conv2d(num_feat, in_chans, 3, 1, 1)
         if self.aux_scales:
-            self.aux_heads = nn.ModuleDict({f"x{s}": AuxHead(embed_dim, num_feat, s, in_chans)
-                                            for s in self.aux_scales})
+            self.aux_upsample = nn.ModuleDict({f"x{s}": Upsample(s, num_feat) for s in self.aux_scales})
 
     def _body(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         raise NotImplementedError
 
+    def _upsampler(self, scale: int) -> nn.Module:
+        return self.upsample if scale == self.upscale else self.aux_upsample[f"x{scale}"]
+
     def _head(self, feat: torch.Tensor, h: int, w: int, scale: int) -> torch.Tensor:
-        if scale == self.upscale:
-            y = self.conv_last(self.upsample(self.conv_before_upsample(feat)))
-        else:
-            y = self.aux_heads[f"x{scale}"](feat)
+        """Scale ``scale``'s output from the features after ``conv_before_upsample``."""
+        y = self.conv_last(self._upsampler(scale)(feat))
         y = y / self.img_range + self.mean.to(y.dtype)
         return y[..., : h * scale, : w * scale]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feat, h, w = self._body(x)
-        return self._head(feat, h, w, self.upscale)
+        return self._head(self.conv_before_upsample(feat), h, w, self.upscale)
 
     def forward_multiscale(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Outputs of the main head and every auxiliary head, keyed by scale, from one body pass."""
+        """Outputs of the main scale and every auxiliary scale, keyed by scale, from one pass of the body and of
+        the shared ``conv_before_upsample``."""
         feat, h, w = self._body(x)
+        feat = self.conv_before_upsample(feat)
         return {s: self._head(feat, h, w, s) for s in (self.upscale, *self.aux_scales)}

@@ -6,8 +6,9 @@ gated MLP, ``convffn1.sg``), ``in_chans`` and ``embed_dim`` (``conv_first``), ``
 ``num_heads`` and ``window_size`` (the relative-position bias tables), the MLP ratios, HAT's compress/squeeze
 factors and overlap ratio, MambaIRv2's ``d_state``/``inner_rank``/``num_tokens``/kernel size, ``resi_connection``,
 and the head: ``upsampler`` and ``upscale``. Arguments that leave no trace in the weights (``img_size`` without
-absolute position embedding, HAT's ``conv_scale``) keep the official release values. Auxiliary heads of this
-project's training (``aux_heads.*``) are not part of the architecture used for inference and are ignored.
+absolute position embedding, HAT's ``conv_scale``) keep the official release values. The extra upsamplers of
+multi-scale training (ours: ``aux_upsample.*``; the authors' layouts are renamed to ours first,
+:mod:`smt.models.layouts`) are not part of the architecture used for inference and are ignored.
 """
 from __future__ import annotations
 

@@ -2,14 +2,16 @@
 
 :func:`read_state_dict` canonicalises what a file holds into a flat ``{name: tensor}``: it unwraps the usual
 containers (``params_ema`` first, then ``params``, ``state_dict``, ``model``) and strips ``module.``
-(DistributedDataParallel) and ``_orig_mod.`` (``torch.compile``) prefixes. ``.pth``/``.pt`` files are read with
-``torch.load(weights_only=True)``, so a checkpoint cannot run code.
+(DistributedDataParallel) and ``_orig_mod.`` (``torch.compile``) prefixes, and renames the authors' multi-scale
+layouts (team BBox's released checkpoints) to ours (:func:`smt.models.layouts.to_ours`). ``.pth``/``.pt`` files
+are read with ``torch.load(weights_only=True)``, so a checkpoint cannot run code.
 
 :func:`load_weights` loads strictly: any missing or unexpected key or shape mismatch raises
 :class:`CheckpointError` listing them by name, before anything is copied. Keys under ``allow_missing``
 prefixes (a model's auxiliary heads when loading an official checkpoint) may be missing; they are reported in
 the returned :class:`LoadReport` and keep their initial values. Keys under ``ignore_unexpected`` prefixes
-may be present in the file but not in the model (they are dropped).
+may be present in the file but not in the model (they are dropped, and named in the report: the upsamplers
+of multi-scale training, unused at inference).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["CheckpointError", "LoadReport", "read_state_dict", "read_metadata", "load_weights", "compare_state_dicts"]
+__all__ = ["CheckpointError", "LoadReport", "read_state_dict", "read_checkpoint", "read_metadata", "load_weights",
+           "compare_state_dicts"]
 
 _CONTAINER_KEYS = ("params_ema", "params", "state_dict", "model")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -37,14 +40,25 @@ class LoadReport:
     container: str | None  # which container key held the weights, if any
     loaded: int
     missing_allowed: list[str] = field(default_factory=list)
+    layout: str = "official"  # the layout the file came in (smt.models.layouts)
+    unused: list[str] = field(default_factory=list)  # tensors of the file the model has no place for (dropped)
 
     def describe(self) -> str:
         where = f" (from '{self.container}')" if self.container else ""
-        msg = f"{self.path}: loaded {self.loaded} tensors{where}"
+        layout = f", the authors' {self.layout[5:]} layout" if self.layout.startswith("bbox-") else ""
+        msg = f"{self.path}: loaded {self.loaded} tensors{where}{layout}"
         if self.missing_allowed:
             msg += f"; {len(self.missing_allowed)} not in the checkpoint, left at init: " + \
-                   ", ".join(self.missing_allowed[:8]) + (" ..." if len(self.missing_allowed) > 8 else "")
+                _modules(self.missing_allowed)
+        if self.unused:
+            msg += f"; {len(self.unused)} not used by this model (heads of training): " + _modules(self.unused)
         return msg
+
+
+def _modules(keys: list[str]) -> str:
+    """The module paths of ``keys`` (``aux_upsample.x2.0.weight`` -> ``aux_upsample.x2``), in order."""
+    mods = list(dict.fromkeys(k.rsplit(".", 2)[0] if k.count(".") >= 2 else k for k in keys))
+    return ", ".join(mods[:8]) + (" ..." if len(mods) > 8 else "")
 
 
 def _strip(name: str) -> str:
@@ -58,7 +72,16 @@ def _strip(name: str) -> str:
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
-    """``(state_dict, container_key)`` from a ``.pth``/``.pt``/``.ckpt`` or ``.safetensors`` file."""
+    """``(state_dict, container_key)`` from a ``.pth``/``.pt``/``.ckpt`` or ``.safetensors`` file, in our
+    layout."""
+    state, container, _ = read_checkpoint(path)
+    return state, container
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None, str]:
+    """``(state_dict in our layout, container_key, layout the file came in)``."""
+    from smt.models.layouts import to_ours
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
@@ -80,7 +103,11 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: no state dict found (looked for a tensor mapping, or one under "
                               f"{', '.join(_CONTAINER_KEYS)})")
-    return {_strip(k): v for k, v in obj.items()}, container
+    try:
+        state, layout = to_ours({_strip(k): v for k, v in obj.items()})
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    return state, container, layout
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -123,9 +150,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike, allow_missing: Seque
     ``ignore_unexpected``: prefixes of checkpoint keys the model may lack (our exported weights carry the
     auxiliary heads of training; an inference model without them drops those tensors).
     """
-    state, container = read_state_dict(path)
+    state, container, layout = read_checkpoint(path)
     expected = model.state_dict()
     missing, allowed, unexpected, shapes = compare_state_dicts(expected, state, allow_missing, ignore_unexpected)
+    unused = [k for k in state if k not in expected and k not in unexpected]
     state = {k: v for k, v in state.items() if k in expected}
     if missing or unexpected or shapes:
         msg = f"{path}: checkpoint does not fit {type(model).__name__}"
@@ -139,4 +167,4 @@ def load_weights(model: nn.Module, path: str | os.PathLike, allow_missing: Seque
         raise CheckpointError(msg)
     result = model.load_state_dict({**{k: expected[k] for k in allowed}, **state}, strict=True)
     del result
-    return LoadReport(str(path), container, len(state), allowed)
+    return LoadReport(str(path), container, len(state), allowed, layout, unused)

@@ -46,6 +46,7 @@ from smt.distributed import any_rank, barrier, device_for, dist_info, gather_obj
 from smt.evaluate import bicubic_upscale
 from smt.metrics import NTIRE2025, evaluate_pair
 from smt.models import build_model, load_weights
+from smt.models.common import AUX_PREFIX, LEGACY_AUX_PREFIX
 from smt.models.presets import preset
 from smt.train.checkpoint import EMA, atomic_save, rng_state, save_safetensors, set_rng_state
 from smt.train.data import GlobalBatchSampler, PairedPatchDataset, collate, read_subset
@@ -398,7 +399,8 @@ def _resume_or_init(run: _Run) -> None:
             if not init.exists():
                 raise TrainingError(f"{init}: the checkpoint this stage starts from does not exist "
                                     f"(run the previous stage first)")
-            run.log(load_weights(run.model, init, allow_missing=("aux_heads.",)).describe())
+            run.log(load_weights(run.model, init, allow_missing=(AUX_PREFIX,),
+                                 ignore_unexpected=(AUX_PREFIX, LEGACY_AUX_PREFIX)).describe())
         else:
             run.log(f"{run.model_name}: training from scratch")
     run.optimizer = torch.optim.Adam(run.model.parameters(), lr=run.spec.lr, betas=tuple(cfg.betas))

@@ -15,8 +15,8 @@ __all__ = ["output_convs", "fp32_output_convs"]
 
 
 def output_convs(model: torch.nn.Module) -> list[torch.nn.Conv2d]:
-    """The last convolution of the main head and of every auxiliary head."""
-    return [model.conv_last] + [head.conv_last for head in getattr(model, "aux_heads", {}).values()]
+    """The last convolution: one for every scale (the multi-scale upsamplers share the main head's ``conv_last``)."""
+    return [model.conv_last]
 
 
 def _fp32_forward(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

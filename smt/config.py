@@ -244,6 +244,8 @@ class TrainConfig:
     bf16: bool = True  # autocast on CUDA only
     aux_scales: tuple[int, ...] = (2, 3)
     aux_weights: tuple[float, ...] = (0.5, 0.5)
+    # HR -> the extra scales' targets: 'bicubic' (the authors' F.interpolate, no antialiasing) or 'matlab'
+    aux_target_resize: str = "bicubic"
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     log_every: int = 10
     val_every: int = 100
@@ -259,6 +261,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if len(self.aux_scales) != len(self.aux_weights):
             raise ConfigError(f"train.aux_weights: needs one weight per aux scale {list(self.aux_scales)}")
+        if self.aux_target_resize not in ("bicubic", "matlab"):
+            raise ConfigError(f"train.aux_target_resize: got {self.aux_target_resize!r}; valid: bicubic (the "
+                              "authors'), matlab")
         if not self.models:
             raise ConfigError("train.models: at least one model is needed")
         for name in self.stage_order:

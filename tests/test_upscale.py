@@ -103,7 +103,7 @@ def test_bundle_runs_the_same_method(run, tmp_path):
     assert main(["upscale", lr, "-o", str(tmp_path / "o3"), "--bundle", str(ckpt)]) == 2
 
 
-def test_export_pth_is_the_official_layout_without_aux_heads(run, tmp_path):
+def test_export_pth_is_the_official_layout_without_extra_upsamplers(run, tmp_path):
     data, params, results, base = run
     out = tmp_path / "hat.pth"
     assert main(["export", "hat", "-o", str(out), "--params", str(params)]) == 0

@@ -375,7 +375,7 @@ def _open_run(cfg: TrainConfig, model_name: str, round_: int, stage: str, data_r
     fingerprint = json.loads(json.dumps({
         "arch": arch, "kwargs": kwargs, "stage": asdict(cfg.stages[stage]), "seed": cfg.seed, "world": world,
         "ema_decay": cfg.ema_decay, "ema_warmup": cfg.ema_warmup, "betas": cfg.betas, "grad_clip": cfg.grad_clip,
-        "aux_weights": cfg.aux_weights, "augment": asdict(cfg.augment), "data_root": data_root}))
+        "aux_weights": cfg.aux_weights, "aux_target_resize": cfg.aux_target_resize, "augment": asdict(cfg.augment), "data_root": data_root}))
     return _Run(cfg, model_name, round_, stage, data_root, scale, log, rank, world, device,
                 run_dir(cfg, model_name, round_, stage), arch, kwargs, fingerprint)
 
@@ -515,7 +515,8 @@ def _loop(run: _Run, loader, max_steps: int | None, stop: _StopSignals) -> tuple
             with sync:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
                     outputs = run.train_model(lr[sl])
-                loss, parts = multiscale_loss(outputs, hr[sl], model.upscale, weights, spec.loss)
+                loss, parts = multiscale_loss(outputs, hr[sl], model.upscale, weights, spec.loss,
+                                              cfg.aux_target_resize)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"{run.name}: loss is {loss.item()} at step {run.step + 1}; stopped. The "
                                         f"last good state is {run.state_path} (step of last save)")

@@ -33,6 +33,27 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_names(flag: str, what: str, given: list[str], valid) -> None:
+    """Refuse ``what`` names not in ``valid`` before any work, saying what was given and what is valid."""
+    unknown = [n for n in given if n not in valid]
+    if unknown:
+        raise ValueError(f"{flag}: unknown {what} {', '.join(map(repr, unknown))} (valid: {', '.join(valid)})")
+    if not given:
+        raise ValueError(f"{flag}: no {what} given (valid: {', '.join(valid)})")
+
+
+def _presets() -> list[str]:
+    from smt.models.presets import PRESETS
+
+    return list(PRESETS)
+
+
+def _benchmark_sets() -> list[str]:
+    from smt.config import BENCHMARK_SETS
+
+    return list(BENCHMARK_SETS)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from smt.config import load_section
     from smt.train.engine import PREEMPTED_EXIT_CODE, Preempted, train_stage
@@ -87,6 +108,8 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
         raise ValueError("--device cuda: no CUDA device is available")
     if args.checkpoint and args.bundle:
         raise ValueError("--checkpoint and --bundle: give one of them (or neither, for the pipeline's method)")
+    if args.model is not None:
+        _check_names("--model", "preset", [args.model], _presets())
     inputs = [*args.inputs, *(args.input or [])]
     if not inputs:
         raise ValueError("-i/--input: no input images or folders given")
@@ -141,6 +164,9 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     from smt.benchmark import benchmark_sets, bicubic_upscaler, format_table, results_json, run_cli_methods
 
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    _check_names("--sets", "set", sets, _benchmark_sets())
+    if args.model is not None:
+        _check_names("--model", "preset", [args.model], _presets())
     _keep_freed_memory_on_cpu(args.device)
     methods, published, label = run_cli_methods(args.checkpoint, args.model, args.bundle, args.device,
                                                  args.self_ensemble, args.tile, args.tile_overlap)
@@ -353,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # a KeyError's str() is the repr of its message ("'nope'" or a quoted sentence): print the message itself
+        message = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else exc
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

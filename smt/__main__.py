@@ -1,15 +1,16 @@
-"""Command line: ``python -m smt stage NAME`` (a DVC stage), ``train`` (one training stage; what ``torchrun``
-launches), ``infer`` (the inference stage; shards images under ``torchrun``), ``evaluate SR_DIR HR_DIR`` (score
-a folder the challenge's way), ``upscale`` (your images; the pipeline's method by default), ``export``
-(weights for other tools, or the method as a bundle), ``benchmark`` (a checkpoint on the SR test sets),
-``pipeline`` (write dvc.yaml), ``profile NAME`` (switch demo <-> ntire2025), ``check`` (dry run: what data,
-weights and GPUs are missing), ``smoke`` (first run on a GPU machine), ``rehearse [PROFILE]`` (dress
+"""Command line (``smt`` or ``python -m smt``): ``stage NAME`` (a DVC stage), ``train`` (one training stage;
+what ``torchrun`` launches), ``infer`` (the inference stage; shards images under ``torchrun``), ``evaluate SR_DIR
+HR_DIR`` (score a folder the challenge's way), ``upscale`` (your images; the pipeline's method by default),
+``export`` (weights for other tools, or the method as a bundle), ``benchmark`` (a checkpoint on the SR test
+sets), ``pipeline`` (write dvc.yaml), ``profile NAME`` (switch demo <-> ntire2025), ``check`` (dry run: what
+data, weights and GPUs are missing), ``smoke`` (first run on a GPU machine), ``rehearse [PROFILE]`` (dress
 rehearsal: one round of a profile's real stages, reduced counts, in a scratch folder)."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
@@ -145,8 +146,6 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from smt.config import load_section
     from smt.export import export_bundle, export_model
 
@@ -178,8 +177,6 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     for s in sets:
         print("\n" + format_table(run, s))
     if args.json:
-        from pathlib import Path
-
         Path(args.json).write_text(json.dumps(results_json(run, label), indent=2) + "\n")
         print(f"\nwrote {args.json}")
     return 0
@@ -241,8 +238,6 @@ def _cmd_rehearse(args: argparse.Namespace) -> int:
                       keep=True if args.keep else None)
     print(format_rehearsal(result))
     if args.json:
-        from pathlib import Path
-
         Path(args.json).write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return 0
 
@@ -266,7 +261,9 @@ def _resolve_device(args: argparse.Namespace) -> argparse.Namespace:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser (imports nothing heavy)."""
-    parser = argparse.ArgumentParser(prog="python -m smt", description=__doc__)
+    # `smt` (the console script pyproject.toml installs) or `python -m smt` (argv[0] is then this file's path)
+    prog = "smt" if Path(sys.argv[0]).name == "smt" else "python -m smt"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("stage", help="run one pipeline stage's notebook (what dvc repro calls)")
     p.add_argument("name")

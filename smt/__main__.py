@@ -115,7 +115,9 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     if not inputs:
         raise ValueError("-i/--input: no input images or folders given")
     up.check_settings(args.tile if args.tile is not None else 0, args.tile_overlap, args.out)
-    files = up.collect_inputs(inputs)
+    scan = up.scan_inputs(inputs)
+    if scan.skipped:
+        print(f"upscale: {scan.describe_skipped()}", file=sys.stderr)
     _keep_freed_memory_on_cpu(args.device)
     if args.checkpoint:
         from smt.infer.precision import choose_precision
@@ -137,11 +139,13 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
 
     print(f"upscale: {describe_paths(runner.nets(), runner.precision if args.checkpoint else runner.cfg.precision)}",
           file=sys.stderr)
-    summary = up.upscale_files(files, args.out, runner, tile=tile, suffix=args.suffix, overwrite=args.overwrite)
+    summary = up.upscale_files(scan.files, args.out, runner, tile=tile, suffix=args.suffix, overwrite=args.overwrite)
     for _, why in summary.skipped:
         print(f"failed: {why}", file=sys.stderr)
     print(f"wrote {len(summary.written)} image(s) to {args.out}"
-          + (f"; {len(summary.skipped)} failed" if summary.skipped else ""))
+          + (f"; {len(summary.skipped)} failed" if summary.skipped else "")
+          + (f"; {len(scan.skipped)} folder entr{'y' if len(scan.skipped) == 1 else 'ies'} skipped (not images "
+             "Pillow reads)" if scan.skipped else ""))
     return 1 if summary.skipped else 0
 
 

@@ -59,8 +59,8 @@ CASES = {
                       "'s9'", _valid_stage_order),
     "train --round": (["train", "--params", PARAMS, "--model", "hat", "--round", "7", "--stage", "s1"],
                       "round 7", lambda: ["rounds 1"]),
-    "stage": (["stage", "nope", "--params", "params.yaml"], "'nope'", _dvc_stages),
-    "export": (["export", "nope", "-o", "unused.pth", "--params", PARAMS], "'nope'", _valid_train_models),
+    "stage name": (["stage", "nope", "--params", "params.yaml"], "'nope'", _dvc_stages),
+    "export name": (["export", "nope", "-o", "unused.pth", "--params", PARAMS], "'nope'", _valid_train_models),
     "upscale --model": (["upscale", "missing.png", "-o", "out", "--checkpoint", "c.pth", "--model", "nope"],
                         "'nope'", _presets),
     "upscale --device": (["upscale", "missing.png", "-o", "out", "--device", "tpu"], "'tpu'",
@@ -73,8 +73,8 @@ CASES = {
                            lambda: ["auto", "cpu", "cuda"]),
     "evaluate --protocol": (["evaluate", "sr", "hr", "--protocol", "nope"], "'nope'",
                             lambda: ["NTIRE2025", "BasicSR"]),
-    "profile": (["profile", "nope", "--dry-run"], "'nope'", _profiles),
-    "rehearse": (["rehearse", "nope"], "'nope'", _profiles),
+    "profile name": (["profile", "nope", "--dry-run"], "'nope'", _profiles),
+    "rehearse profile": (["rehearse", "nope"], "'nope'", _profiles),
     "smoke --models": (["smoke", "--models", "huge"], "'huge'", lambda: ["large", "tiny"]),
     "smoke --device": (["smoke", "--device", "tpu"], "'tpu'", lambda: ["auto", "cpu", "cuda"]),
 }
@@ -89,9 +89,32 @@ def _subcommands() -> set[str]:
     return set(sub.choices)
 
 
+# arguments that take a name (or a count naming a round): a new one must get a case above
+NAME_DESTS = {"model", "models", "stage", "round", "name", "profile", "sets", "protocol", "layout", "device"}
+
+
+def _name_arguments() -> set[str]:
+    """``"<subcommand> <option or positional>"`` for every argument that takes a name or has fixed choices."""
+    from smt.__main__ import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    found = set()
+    for command, parser in sub.choices.items():
+        for action in parser._actions:
+            if action.dest in NAME_DESTS or action.choices is not None:
+                found.add(f"{command} {action.option_strings[-1] if action.option_strings else action.dest}")
+    return found
+
+
 def test_every_subcommand_is_audited():
     audited = {case.split()[0] for case in CASES} | TAKES_NO_NAMES
     assert _subcommands() == audited
+
+
+def test_every_argument_that_takes_a_name_has_a_case():
+    """A new name-taking option (e.g. ``--protocol`` on upscale, ``--layout`` on export) fails here until a case
+    feeding it a wrong value is added to CASES."""
+    assert _name_arguments() == set(CASES)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -316,6 +316,16 @@ class TrainConfig:
                               f"processes)")
         return per_process // micro_batch
 
+    def check_run(self, model_name: str, round_: int, stage: str) -> None:
+        """Refuse a (model, round, stage) the config does not define, naming the value and the valid ones."""
+        if model_name not in self.models:
+            raise ConfigError(f"train: unknown model {model_name!r} (train.models: {', '.join(self.models)})")
+        if stage not in self.stage_order:
+            raise ConfigError(f"train: unknown stage {stage!r} (train.stage_order: {', '.join(self.stage_order)})")
+        if not 1 <= round_ <= self.rounds:
+            rounds = ", ".join(map(str, range(1, self.rounds + 1)))
+            raise ConfigError(f"train: no round {round_} (train.rounds is {self.rounds}: rounds {rounds})")
+
     def schedule(self) -> list[tuple[int, str]]:
         """(round, stage) in training order."""
         return [(r, s) for r in range(1, self.rounds + 1) for s in self.stage_order]

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -170,6 +171,10 @@ def _mark_finished(outs: list[Path]) -> None:
         marker.write_text(json.dumps({**json.loads(marker.read_text()), "finished": True}) + "\n")
 
 
+class UnknownStage(ValueError):
+    """A stage name that neither dvc.yaml's definitions nor the tool stages have."""
+
+
 def run_stage(name: str, params_path: str = "params.yaml", root: str | Path = ".",
               reports_dir: str = "reports") -> Path:
     """Execute stage ``name``'s notebook from ``root``; returns the HTML report's path."""
@@ -183,7 +188,7 @@ def run_stage(name: str, params_path: str = "params.yaml", root: str | Path = ".
     definitions = stage_definitions(root / params_path)
     table = {**{n: (d.notebook, dict(d.parameters)) for n, d in definitions.items()}, **tool_table()}
     if name not in table:
-        raise KeyError(f"unknown stage {name!r} (valid stages: {', '.join(table)})")
+        raise UnknownStage(f"unknown stage {name!r} (valid stages: {', '.join(table)})")
     notebook_rel, extra = table[name]
     notebook = root / notebook_rel
     out_dir = root / reports_dir / name
@@ -222,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    html = run_stage(args.name, params_path=args.params)
+    try:
+        html = run_stage(args.name, params_path=args.params)
+    except UnknownStage as exc:  # its message names the stage and the valid ones: no traceback needed
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"stage {args.name}: report at {html}")
     return 0
 

@@ -302,6 +302,7 @@ def train_stage(cfg: TrainConfig, model_name: str, round_: int, stage: str, data
     """Train one stage (resuming from ``state.pt`` when present and matching). ``max_steps`` stops early
     (for tests of kill-and-resume); the state is saved at that point. A stop signal saves the state at the
     current step and raises :class:`Preempted` (see the module docstring)."""
+    cfg.check_run(model_name, round_, stage)  # before any work: a typo is an error naming the valid names
     with _StopSignals(log) as stop:
         return _train_stage(cfg, model_name, round_, stage, data_root, scale, max_steps, log, stop)
 

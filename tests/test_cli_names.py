@@ -61,6 +61,10 @@ CASES = {
                       "round 7", lambda: ["rounds 1"]),
     "stage name": (["stage", "nope", "--params", "params.yaml"], "'nope'", _dvc_stages),
     "export name": (["export", "nope", "-o", "unused.pth", "--params", PARAMS], "'nope'", _valid_train_models),
+    "export --layout": (["export", "hat", "--checkpoint", "c.pth", "--layout", "authors", "-o", "x.pth"],
+                        "'authors'", lambda: ["official", "bbox"]),
+    "export --model": (["export", "hat", "--checkpoint", "c.pth", "--model", "nope", "-o", "x.pth"], "'nope'",
+                       _presets),
     "upscale --model": (["upscale", "missing.png", "-o", "out", "--checkpoint", "c.pth", "--model", "nope"],
                         "'nope'", _presets),
     "upscale --device": (["upscale", "missing.png", "-o", "out", "--device", "tpu"], "'tpu'",
@@ -168,3 +172,12 @@ def test_train_config_check_run_refuses_before_any_work():
         cfg.check_run("HAT", 1, "s1")
     with pytest.raises(ConfigError, match=r"no round 0"):
         cfg.check_run("hat", 0, "s1")
+
+
+def test_export_of_a_checkpoint_names_a_wrong_family_and_the_valid_ones(capsys, monkeypatch):
+    from smt.__main__ import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["export", "nope", "--checkpoint", "c.pth", "-o", "x.pth"]) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "'nope'" in message and "hat, mambairv2" in message, message

@@ -1,5 +1,10 @@
 """Selective scan on GPUs without mamba_ssm: Triton kernels for the forward and backward recurrence.
 
+Two implementations (``selective_scan_triton(..., kernel=...)``). ``"chunked"``, the default, is parallel over the
+sequence: chunk sums, a scan over the chunks, and a per-chunk ``tl.associative_scan`` (the comment above
+:func:`_affine`, and docs/gpu_scan.md for the derivation, the tile choice and the work model); its backward is
+deterministic. ``"serial"``, the first version, is kept beside it and compared with it in the tests:
+
 One program per (batch, block of ``BLOCK_D`` channels) walks the sequence, holding the state h (BLOCK_D x N) in
 registers: ``h = exp(dt*A) * h + dt*u*B_t``, ``y_t = C_t . h``. When a gradient is needed the forward also
 stores h at the start of every ``CHUNK`` steps (inference skips those stores). The backward walks the chunks in
@@ -9,7 +14,8 @@ the adjoint recurrence ``g = g*exp(dt*A) + C_t*dy_t`` backwards, writing du and 
 channels all lie in one group (always for MambaIRv2's single group) dB and dC are summed over the program's
 channels first: one atomic per state instead of one per (channel, state).
 
-Three GPU facts the code relies on, none of which the interpreter can show:
+Three GPU facts the serial code relies on, none of which the interpreter can show (the second and third hold
+for the chunked kernels too; they need no barrier: nothing is written and read back within a program):
 - the scratch buffer is written and read back by *different* threads (a tile smaller than the block's thread
   count is replicated across threads, and the compiler may lay out a load differently from the store), so a
   barrier separates the writes from the reads, and the reads from the next chunk's writes;
@@ -33,7 +39,7 @@ import triton.language as tl
 
 from smt.kernels.scan_common import KernelScan, check_groups, core_shape, grouped_bc, scan_epilogue, step_sizes
 
-__all__ = ["selective_scan_triton"]
+__all__ = ["selective_scan_triton", "chunked_grids"]
 
 _CHUNK = 64
 
@@ -378,14 +384,20 @@ def _backward(dy, u, dt, A, B, C, hs):
     return du, ddt, dA, dB, dC
 
 
-_SCAN_CHUNK = 64  # steps per chunk of the chunked scan (a power of two)
+# The per-chunk kernels' shape, chosen from their sm_90 machine code (ptxas and nvdisasm, no GPU needed; the
+# figures are in docs/gpu_scan.md): one warp per (16 steps x 32 channels) tile keeps both scans inside the warp
+# (no shared-memory rounds between warps, no barriers), 120 instructions per state update over the four kernels
+# against 237 for (64 x 32) tiles on 8 warps, with no register spills (the backward uses 255 registers).
+_SCAN_CHUNK = 16  # steps per chunk of the chunked scan (a power of two)
 _SCAN_BLOCK_D = 32  # channels per chunked-scan program: rows of 128 bytes of the channel-last u, dt, dy
+_SCAN_WARPS = 1
 _PASS_CB, _PASS_BE = 64, 32  # chunk-pass tile: chunks x (channel, state) elements
 
 
-def chunked_grids(batch: int, length: int, dim: int, nstate: int, chunk: int = _SCAN_CHUNK) -> dict[str, tuple]:
+def chunked_grids(batch: int, length: int, dim: int, nstate: int, chunk: int | None = None) -> dict[str, tuple]:
     """The launch grid of each chunked-scan kernel for a scan of this shape (what the profile's grid test and
-    docs/gpu_scan.md count)."""
+    docs/gpu_scan.md count); ``chunk``: steps per chunk, ``_SCAN_CHUNK`` by default."""
+    chunk = chunk or _SCAN_CHUNK
     block_d = max(2, min(_SCAN_BLOCK_D, triton.next_power_of_2(dim)))
     nchunk = triton.cdiv(length, chunk)
     per_chunk = (batch, triton.cdiv(dim, block_d), nchunk)
@@ -395,11 +407,12 @@ def chunked_grids(batch: int, length: int, dim: int, nstate: int, chunk: int = _
 
 def _chunked_dims(u, B, chunk):
     batch, length, dim, groups, nstate = core_shape(u, B)
+    chunk = chunk or _SCAN_CHUNK
     if chunk < 2 or chunk & (chunk - 1):
         raise ValueError(f"chunked selective scan: chunk must be a power of two >= 2, got {chunk}")
     grids = chunked_grids(batch, length, dim, nstate, chunk)
     block_d = max(2, min(_SCAN_BLOCK_D, triton.next_power_of_2(dim)))
-    return batch, length, dim, groups, nstate, grids, block_d, grids["chunk_sums"][2]
+    return batch, length, dim, groups, nstate, grids, block_d, chunk, grids["chunk_sums"][2]
 
 
 def _carries(p, s, reverse: bool):
@@ -413,24 +426,26 @@ def _carries(p, s, reverse: bool):
     return out
 
 
-def _forward_chunked(u, dt, A, B, C, store_states: bool = True, chunk: int = _SCAN_CHUNK):
+def _forward_chunked(u, dt, A, B, C, store_states: bool = True, chunk: int | None = None):
     """``y, last, extra`` like :func:`_forward`, by the chunked scan; ``extra``: the states entering each chunk
     (batch, nchunk+1, D, N) when ``store_states``."""
-    batch, length, dim, groups, nstate, grids, block_d, nchunk = _chunked_dims(u, B, chunk)
+    batch, length, dim, groups, nstate, grids, block_d, chunk, nchunk = _chunked_dims(u, B, chunk)
     grid = grids["chunk_sums"]
     p, s = u.new_empty(batch, nchunk, dim, nstate), u.new_empty(batch, nchunk, dim, nstate)
     y = torch.empty_like(u)
     with _on_device(u):
-        _chunk_sums[grid](dt, u, A, B, p, s, length, dim, nstate, groups, nchunk, T=chunk, BD=block_d, REVERSE=False)
+        _chunk_sums[grid](dt, u, A, B, p, s, length, dim, nstate, groups, nchunk, T=chunk, BD=block_d, REVERSE=False,
+                                num_warps=_SCAN_WARPS)
         hs = _carries(p, s, reverse=False)
-        _chunk_scan_fwd[grid](u, dt, A, B, C, hs, y, length, dim, nstate, groups, nchunk, T=chunk, BD=block_d)
+        _chunk_scan_fwd[grid](u, dt, A, B, C, hs, y, length, dim, nstate, groups, nchunk, T=chunk, BD=block_d,
+                                   num_warps=_SCAN_WARPS)
     return y, hs[:, nchunk].clone(), ((hs,) if store_states else ())
 
 
-def _backward_chunked(dy, u, dt, A, B, C, hs, chunk: int = _SCAN_CHUNK):
+def _backward_chunked(dy, u, dt, A, B, C, hs, chunk: int | None = None):
     """``du, ddt, dA, dB, dC`` like :func:`_backward`, by the chunked scan from the entering states ``hs``.
     Deterministic: the partial sums of dA, dB, dC are reduced in a fixed order (``torch.sum``), no atomics."""
-    batch, length, dim, groups, nstate, grids, block_d, nchunk = _chunked_dims(u, B, chunk)
+    batch, length, dim, groups, nstate, grids, block_d, chunk, nchunk = _chunked_dims(u, B, chunk)
     grid = grids["chunk_scan_bwd"]
     nblock = grid[1]
     one_group = _one_group_per_program(dim, groups, block_d)
@@ -440,10 +455,11 @@ def _backward_chunked(dy, u, dt, A, B, C, hs, chunk: int = _SCAN_CHUNK):
     parts = (batch, nblock if one_group else dim, length, nstate)
     db, dc = u.new_empty(parts), u.new_empty(parts)
     with _on_device(u):
-        _chunk_sums[grid](dt, dy, A, C, p, q, length, dim, nstate, groups, nchunk, T=chunk, BD=block_d, REVERSE=True)
+        _chunk_sums[grid](dt, dy, A, C, p, q, length, dim, nstate, groups, nchunk, T=chunk, BD=block_d, REVERSE=True,
+                                num_warps=_SCAN_WARPS)
         ks = _carries(p, q, reverse=True)
         _chunk_scan_bwd[grid](u, dt, A, B, C, dy, hs, ks, du, ddt, da, db, dc, length, dim, nstate, groups, nchunk,
-                              nblock, T=chunk, BD=block_d, ONE_GROUP=one_group)
+                              nblock, T=chunk, BD=block_d, ONE_GROUP=one_group, num_warps=_SCAN_WARPS)
     # channel blocks (or channels) in group order, each group's in a row: sum them per group
     db, dc = (x.view(batch, groups, -1, length, nstate).sum(2) for x in (db, dc))
     return du, ddt, da.sum((0, 1)), db, dc

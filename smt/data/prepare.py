@@ -16,6 +16,7 @@ Images are decoded by a pool of threads (Pillow's decoder and file writes releas
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -31,7 +32,8 @@ from smt.data.images import read_image
 from smt.data.manifest import read_manifest
 from smt.files import atomic_path
 
-__all__ = ["STORE_INDEX", "StoreSummary", "store_bytes", "prepare_store", "open_store", "load_array"]
+__all__ = ["STORE_INDEX", "StoreSummary", "store_bytes", "prepare_store", "open_store", "load_array", "spot_check",
+           "run_prepare_stage"]
 
 STORE_INDEX = "index.csv"
 _INDEX_COLUMNS = ["id", "hr_npy", "lr_npy", "hr_height", "hr_width", "lr_height", "lr_width", "hr_sha256",
@@ -158,3 +160,35 @@ def load_array(path: str | Path) -> np.ndarray:
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"{path}: expected a uint8 HxWx3 array, got {arr.dtype} {arr.shape}")
     return arr
+
+
+def spot_check(root: str | Path, store: str | Path, count: int = 8, seed: int = 0) -> list[str]:
+    """Ids of ``count`` training images (drawn with ``seed``) whose stored arrays were compared with their
+    decoded PNGs and found equal; raises naming the first that differs."""
+    root, store = Path(root), Path(store)
+    manifest = read_manifest(root, "train")
+    picks = sorted(np.random.default_rng(seed).choice(len(manifest), min(count, len(manifest)), replace=False))
+    lr_paths, hr_paths = open_store(store, manifest.iloc[picks])
+    for (i, row), lr_npy, hr_npy in zip(manifest.iloc[picks].iterrows(), lr_paths, hr_paths):
+        for npy, png in ((lr_npy, row["lr_path"]), (hr_npy, row["hr_path"])):
+            if not np.array_equal(load_array(npy), read_image(root / png)):
+                raise ValueError(f"{npy}: differs from {root / png}; rerun the prepare stage (dvc repro -f prepare)")
+    return manifest.iloc[picks]["id"].tolist()
+
+
+def run_prepare_stage(root: str | Path, store: str | Path, timings_path: str | Path | None = None) -> str:
+    """What the ``prepare`` stage does: :func:`prepare_store` for the training split, a :func:`spot_check`,
+    seconds to ``timings_path`` (not a DVC output). Returns the report's summary (Markdown)."""
+    if not str(store):
+        raise ValueError("data.store is empty: set it to the folder the prepared store goes in (see "
+                         "docs/data_loading.md for its size), or train from the PNGs without this stage")
+    summary = prepare_store(root, store)
+    checked = spot_check(root, store)
+    if timings_path is not None:
+        Path(timings_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(timings_path).write_text(json.dumps({"prepare_seconds": round(summary.seconds, 3),
+                                                  "files_written": summary.written}, indent=2) + "\n")
+    return (f"**{summary.images}** training images of `{root}` stored uncompressed in `{store}`: "
+            f"**{summary.bytes / 1e9:.2f} GB** (uint8 HxWx3 `.npy` arrays, LR and HR; {summary.bytes:,} bytes). "
+            f"Training reads its patches from them by memory map instead of decoding the PNGs; the patches are "
+            f"the same. Spot check: the arrays of {len(checked)} images equal their decoded PNGs.")

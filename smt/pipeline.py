@@ -223,10 +223,10 @@ def stage_definitions(params_path: str | Path = "params.yaml") -> dict[str, Stag
     prev = cfg.previous(1, ab.subset_stage) if (1, ab.subset_stage) in cfg.schedule() else None
     selection_csv = f"{SELECTION_DIR}/selection.csv"
     defs += [
-        ablation("ablation_loss", {}, tuple(data), (*ablation_common, *train_all),
+        ablation("ablation_loss", {}, (*data, *store), (*ablation_common, *train_all),
                  ({f"{ab.out_root}/loss": {"persist": True}},)),
         ablation("ablation_subset", {"selection_csv": selection_csv},
-                 (*data, selection_csv,
+                 (*data, *store, selection_csv,
                   *([f"{cfg.out_root}/{ab.model}/{cfg.run_name(*prev)}/model.safetensors"] if prev else [])),
                  (*ablation_common, *train_all, "select.pool_split", "select.allow_untrained"),
                  ({f"{ab.out_root}/subset": {"persist": True}},)),

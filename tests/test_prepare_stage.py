@@ -32,13 +32,13 @@ def test_prepare_stage_only_with_a_store_and_ahead_of_training(tmp_path):
     assert prep["outs"][0] == {"${data.store}": {"persist": True, "cache": False}}
     assert "${data.root}" in prep["deps"] and "smt/data/prepare.py" in prep["deps"]
     for name, stage in stored.items():
-        if name.startswith("train_"):
+        if name.startswith(("train_", "ablation_loss", "ablation_subset")):  # every stage that trains
             assert "${data.store}/index.csv" in stage["deps"], name
             assert set(stage["deps"]) - set(plain[name]["deps"]) == {"${data.store}/index.csv"}
             assert set(plain[name]["deps"]) <= set(stage["deps"])
             assert stage["params"] == plain[name]["params"]  # where the store lives changes no result
     # moving the store changes no other stage: the data stage does not read data.store
-    others = [n for n in plain if not n.startswith("train_")]
+    others = [n for n in plain if not n.startswith(("train_", "ablation_loss", "ablation_subset"))]
     assert {n: stored[n] for n in others} == {n: plain[n] for n in others}
     # the full profile has the stage
     assert "prepare" in stage_definitions(REPO / "profiles/ntire2025.yaml")

@@ -44,6 +44,21 @@ def test_prepare_stage_only_with_a_store_and_ahead_of_training(tmp_path):
     assert "prepare" in stage_definitions(REPO / "profiles/ntire2025.yaml")
 
 
+def test_rehearsal_keeps_the_store_inside_its_scratch_folder():
+    """`python -m smt rehearse` runs the prepare stage too: an absolute data.store is redirected like data.root."""
+    from pathlib import Path
+
+    from smt.rehearse import DEFAULT, reduced_params
+
+    full = yaml.safe_load((REPO / "profiles/ntire2025.yaml").read_text())
+    full["data"]["store"] = "/scratch/ntire_store"
+    p, _ = reduced_params(full, DEFAULT)
+    assert p["data"]["store"] and not Path(p["data"]["store"]).is_absolute()
+    assert p["data"]["store"] != p["data"]["root"]
+    full["data"]["store"] = ""
+    assert reduced_params(full, DEFAULT)[0]["data"]["store"] == ""
+
+
 @pytest.mark.slow
 def test_dvc_runs_the_prepare_stage_and_training_reads_the_store(tmp_path):
     """`dvc repro prepare` on two tiny demo images; the store equals the PNGs; a rerun does nothing; a training

@@ -63,9 +63,8 @@ HEADER = """\
 # is computed (accumulated micro-batches, recomputed activations), not what it computes. tile_batch: how many
 # tiles go through the model at once.
 # data.store: where the prepare stage writes the training images' uncompressed copy (the patches are the same
-# with or without it; the stages that use it depend on its index, see _prepare_stage); data.downloads: where
-# verified archives are cached; select.cache_dir: embeddings cached by image SHA-256, model
-# and weights.
+# with or without it; the stages that train depend on its index, see _prepare_stage); data.downloads: where
+# verified archives are cached; select.cache_dir: embeddings cached by image SHA-256, model and weights.
 EXECUTION_ONLY: dict[str, frozenset[str]] = {
     "data": frozenset({"downloads", "store"}),
     "select": frozenset({"cache_dir", "device"}),

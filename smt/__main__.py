@@ -62,7 +62,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     data_cfg, cfg = load_section("data", args.params), load_section("train", args.params)
     try:
         result = train_stage(cfg, args.model, args.round, args.stage, data_cfg.root, data_cfg.scale,
-                             max_steps=args.max_steps)
+                             max_steps=args.max_steps, store=data_cfg.store)
     except Preempted as exc:  # a scheduler's signal: the state is saved at the current step; rerun to resume
         print(f"preempted: {exc}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE

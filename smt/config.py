@@ -47,6 +47,7 @@ class DataConfig:
     lock: str = "data/sources.lock.json"  # SHA-256 pinned at first download; commit it
     subimage_size: int = 0  # HR training images cut once into tiles of this side (0 = keep whole)
     subimage_step: int = 0
+    store: str = ""  # the prepare stage's uncompressed copy of the training images, read by memory map ("" = none)
 
     def __post_init__(self) -> None:
         if self.scale not in (2, 3, 4):

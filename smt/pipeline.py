@@ -62,10 +62,11 @@ HEADER = """\
 # (validation runs on a forked, fixed-seed RNG). micro_batch and activation_checkpointing: how a step's global batch
 # is computed (accumulated micro-batches, recomputed activations), not what it computes. tile_batch: how many
 # tiles go through the model at once.
-# data.downloads: where verified archives are cached; select.cache_dir: embeddings cached by image SHA-256, model
-# and weights.
+# data.store: where the prepare stage writes the training images' uncompressed copy (the patches are the same
+# with or without it; the stages that train depend on its index, see _prepare_stage); data.downloads: where
+# verified archives are cached; select.cache_dir: embeddings cached by image SHA-256, model and weights.
 EXECUTION_ONLY: dict[str, frozenset[str]] = {
-    "data": frozenset({"downloads"}),
+    "data": frozenset({"downloads", "store"}),
     "select": frozenset({"cache_dir", "device"}),
     "train": frozenset({"device", "nproc", "nnodes", "num_workers", "threads", "log_every", "val_every",
                         "ckpt_every", "micro_batch", "activation_checkpointing"}),
@@ -92,8 +93,14 @@ ABLATION_NOTEBOOKS = {
 # (`python -m smt stage benchmark`, the section's defaults) like the tools below. Its notebook's parameter
 # defaults are the stage's paths, so both ways write the same files.
 BENCHMARK_NOTEBOOK = "notebooks/95_benchmark.ipynb"
-# notebooks run outside DVC: `python -m smt stage experiments` (it calls dvc itself), `... stage benchmark`
-TOOL_NOTEBOOKS = {"experiments": "notebooks/ablations/experiments.ipynb", "benchmark": BENCHMARK_NOTEBOOK}
+# the training images decoded once into memory-mapped arrays (smt/data/prepare.py): a stage when data.store is set
+# (the ntire2025 profile); the demo's ten images fit the dataset's decode cache, so its profile has none
+PREPARE_NOTEBOOK = "notebooks/05_prepare.ipynb"
+STORE_INDEX = "index.csv"  # written last by the prepare stage (smt.data.prepare.STORE_INDEX; a test ties the two)
+# notebooks run outside DVC: `python -m smt stage experiments` (it calls dvc itself), `... stage benchmark`,
+# `... stage prepare` (e.g. once per node for a node-local store)
+TOOL_NOTEBOOKS = {"experiments": "notebooks/ablations/experiments.ipynb", "benchmark": BENCHMARK_NOTEBOOK,
+                  "prepare": PREPARE_NOTEBOOK}
 BENCHMARK_EXECUTION_ONLY = frozenset({"downloads"})  # the archive cache: the pinned hashes fix the content
 
 # what the command every stage runs (`python -m smt.stages NAME`) imports, as (module, functions of it or None)
@@ -157,6 +164,7 @@ def stage_definitions(params_path: str | Path = "params.yaml") -> dict[str, Stag
     defs: list[StageDef] = [
         StageDef("data", "notebooks/01_data.ipynb", {"report_dir": _report_dir("data")},
                  params=tuple(section_params("data", params_path)), outs=("${data.root}", _report_dir("data"))),
+        *_prepare_stage(params_path),
         StageDef("select", "notebooks/10_select.ipynb",
                  {"selection_dir": SELECTION_DIR, "report_dir": _report_dir("select")}, deps=tuple(data),
                  params=("data.root", *section_params("select", params_path)),
@@ -164,11 +172,14 @@ def stage_definitions(params_path: str | Path = "params.yaml") -> dict[str, Stag
                  outs=(SELECTION_DIR, _report_dir("select"))),
     ]
     train_common = section_params("train", params_path, exclude=("models", "stages"))
+    # the store's index stands for its arrays (it records the PNGs' hashes they were made from): a small dep, so
+    # a training stage neither hashes the store when it starts nor runs before the prepare stage
+    store = ["${data.store}/" + STORE_INDEX] if load_section("data", params_path).store else []
     finals = []
     for model in cfg.models:
         for r, s in cfg.schedule():
             name = train_stage_name(model, r, s)
-            deps = list(data)
+            deps = [*data, *store]
             prev = cfg.previous(r, s)
             if prev is not None:
                 deps.append(f"{cfg.out_root}/{model}/{cfg.run_name(*prev)}/model.safetensors")
@@ -211,10 +222,10 @@ def stage_definitions(params_path: str | Path = "params.yaml") -> dict[str, Stag
     prev = cfg.previous(1, ab.subset_stage) if (1, ab.subset_stage) in cfg.schedule() else None
     selection_csv = f"{SELECTION_DIR}/selection.csv"
     defs += [
-        ablation("ablation_loss", {}, tuple(data), (*ablation_common, *train_all),
+        ablation("ablation_loss", {}, (*data, *store), (*ablation_common, *train_all),
                  ({f"{ab.out_root}/loss": {"persist": True}},)),
         ablation("ablation_subset", {"selection_csv": selection_csv},
-                 (*data, selection_csv,
+                 (*data, *store, selection_csv,
                   *([f"{cfg.out_root}/{ab.model}/{cfg.run_name(*prev)}/model.safetensors"] if prev else [])),
                  (*ablation_common, *train_all, "select.pool_split", "select.allow_untrained"),
                  ({f"{ab.out_root}/subset": {"persist": True}},)),
@@ -225,6 +236,18 @@ def stage_definitions(params_path: str | Path = "params.yaml") -> dict[str, Stag
     ]
     defs += _benchmark_stage(params_path, finals, final_models)
     return {d.name: d for d in defs}
+
+
+def _prepare_stage(params_path: str | Path) -> list[StageDef]:
+    """The ``prepare`` stage, only when ``data.store`` is set. Its output is persisted (an interrupted run
+    resumes; smt/stages.py removes it when its inputs change) and not cached: it is derived, as large as the
+    images uncompressed, and remade faster than it would be pushed or pulled."""
+    if not load_section("data", params_path).store:
+        return []
+    name = "prepare"
+    return [StageDef(name, PREPARE_NOTEBOOK, {"report_dir": _report_dir(name), "timings_path": _timings(name)},
+                     deps=("${data.root}",), params=("data.root",),
+                     outs=({"${data.store}": {"persist": True, "cache": False}}, _report_dir(name)))]
 
 
 def _benchmark_stage(params_path: str | Path, finals: list[str], final_models: tuple) -> list[StageDef]:

@@ -298,13 +298,14 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def train_stage(cfg: TrainConfig, model_name: str, round_: int, stage: str, data_root: str, scale: int,
-                max_steps: int | None = None, log=print) -> StageResult:
+                max_steps: int | None = None, log=print, store: str = "") -> StageResult:
     """Train one stage (resuming from ``state.pt`` when present and matching). ``max_steps`` stops early
     (for tests of kill-and-resume); the state is saved at that point. A stop signal saves the state at the
-    current step and raises :class:`Preempted` (see the module docstring)."""
+    current step and raises :class:`Preempted` (see the module docstring). ``store``: the prepared store of
+    ``data_root``'s training images (``data.store``; the same patches, read without decoding PNGs)."""
     cfg.check_run(model_name, round_, stage)  # before any work: a typo is an error naming the valid names
     with _StopSignals(log) as stop:
-        return _train_stage(cfg, model_name, round_, stage, data_root, scale, max_steps, log, stop)
+        return _train_stage(cfg, model_name, round_, stage, data_root, scale, max_steps, log, stop, store)
 
 
 @dataclass
@@ -336,6 +337,7 @@ class _Run:
     micro: int = 0
     accumulation: int = 1
     use_bf16: bool = False
+    store: str = ""  # the prepared store of the training images ("" = decode the PNGs): not in the fingerprint
 
     @property
     def spec(self):
@@ -351,9 +353,10 @@ class _Run:
 
 
 def _train_stage(cfg: TrainConfig, model_name: str, round_: int, stage: str, data_root: str, scale: int,
-                 max_steps: int | None, log, stop: _StopSignals) -> StageResult:
+                 max_steps: int | None, log, stop: _StopSignals, store: str = "") -> StageResult:
     """The method, in the order it runs (the order also fixes every random draw: keep it)."""
     run = _open_run(cfg, model_name, round_, stage, data_root, scale, log)
+    run.store = store
     _resume_or_init(run)
     _prepare_model(run)
     loader = _training_data(run)
@@ -442,7 +445,7 @@ def _training_data(run: _Run):
     then the resumed random state (creating the loader's iterator draws from the global generator)."""
     cfg, spec = run.cfg, run.spec
     subset = read_subset(spec.subset) if spec.subset else None
-    dataset = PairedPatchDataset(run.data_root, "train", spec.patch_size, run.scale, subset)
+    dataset = PairedPatchDataset(run.data_root, "train", spec.patch_size, run.scale, subset, store=run.store or None)
     sampler = GlobalBatchSampler(dataset.sizes(), spec.patch_size, spec.batch_size,
                                  seeds.sampler_seed(cfg.seed, run.round_), run.rank, run.world,
                                  augment=cfg.augment, start_step=run.step)

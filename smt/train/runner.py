@@ -34,7 +34,7 @@ def run_training_stage(params_path: str, model: str, round_: int, stage: str,
         raise KeyError(f"unknown model {model!r} (train.models has: {', '.join(cfg.models)})")
     session = {}
     if cfg.nproc == 1 and cfg.nnodes == 1:
-        result = train_stage(cfg, model, round_, stage, data_cfg.root, data_cfg.scale)
+        result = train_stage(cfg, model, round_, stage, data_cfg.root, data_cfg.scale, store=data_cfg.store)
         # this session's step time and peak GPU memory (JSON has no NaN: left out where not measured)
         session = {k: getattr(result, k) for k in ("step_seconds", "peak_mb") if math.isfinite(getattr(result, k))}
     else:

@@ -7,12 +7,14 @@ defaults), so with no auxiliary heads the loss is plain ``l(SR_x4, HR)``.
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from smt.data.imresize import imresize_torch
+from smt.data.imresize import resize_matrix
 
 __all__ = ["pixel_loss", "multiscale_loss", "multiscale_targets"]
 
@@ -28,13 +30,32 @@ def pixel_loss(pred: torch.Tensor, target: torch.Tensor, kind: LossKind) -> torc
 
 
 def multiscale_targets(hr: torch.Tensor, main_scale: int, scales: tuple[int, ...]) -> dict[int, torch.Tensor]:
-    """HR resized to ``s / main_scale`` for every auxiliary scale ``s`` (HR itself for the main scale)."""
-    return {s: hr if s == main_scale else imresize_torch(hr, s / main_scale) for s in (main_scale, *scales)}
+    """HR resized to ``s / main_scale`` for every auxiliary scale ``s`` (HR itself for the main scale): the
+    values of :func:`~smt.data.imresize.imresize_torch` (the same two matrix products), with its resize matrices
+    made once per shape, scale, dtype and device instead of copied to the GPU for every micro-batch."""
+    out = {}
+    for s in (main_scale, *scales):
+        if s == main_scale:
+            out[s] = hr
+        else:
+            mh, mw = _resize_matrices(*hr.shape[-2:], s / main_scale, hr.dtype, hr.device)
+            out[s] = mh @ hr @ mw.T
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _resize_matrices(h: int, w: int, scale: float, dtype: torch.dtype,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`imresize_torch`'s matrices for an (h, w) input, on ``device``."""
+    out_h, out_w = math.ceil(h * scale), math.ceil(w * scale)
+    return (torch.as_tensor(resize_matrix(h, out_h, float(scale)), dtype=dtype, device=device),
+            torch.as_tensor(resize_matrix(w, out_w, float(scale)), dtype=dtype, device=device))
 
 
 def multiscale_loss(outputs: Mapping[int, torch.Tensor], hr: torch.Tensor, main_scale: int,
-                    weights: Mapping[int, float], kind: LossKind) -> tuple[torch.Tensor, dict[int, float]]:
-    """Weighted sum of per-scale losses divided by the total weight; returns (loss, per-scale values)."""
+                    weights: Mapping[int, float], kind: LossKind) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Weighted sum of per-scale losses divided by the total weight; returns (loss, per-scale values as detached
+    scalar tensors: reading them is left to the caller, so a training step need not wait for the device)."""
     aux = tuple(s for s in outputs if s != main_scale)
     targets = multiscale_targets(hr, main_scale, aux)
     total = torch.zeros((), device=hr.device, dtype=torch.float32)
@@ -44,7 +65,7 @@ def multiscale_loss(outputs: Mapping[int, torch.Tensor], hr: torch.Tensor, main_
         if out.shape != target.shape:
             raise ValueError(f"x{s} output {tuple(out.shape)} does not match its target {tuple(target.shape)}")
         value = pixel_loss(out.float(), target.float(), kind)
-        parts[s] = float(value.detach())
+        parts[s] = value.detach()
         total = total + weights.get(s, 1.0) * value
     norm = sum(weights.get(s, 1.0) for s in outputs)
     return total / norm, parts

@@ -376,3 +376,14 @@ def test_activation_checkpointing_replays_the_per_sample_noise(preset, overrides
         grads.append([p.grad.clone() for p in net.parameters() if p.grad is not None])
     assert torch.equal(losses[0], losses[1])
     assert all(torch.equal(a, b) for a, b in zip(*grads)) and len(grads[0]) == len(grads[1])
+
+
+def test_the_node_launcher_stops_the_other_nodes_when_one_fails():
+    import time
+
+    from smt.distributed import _run_all
+
+    t = time.perf_counter()
+    with pytest.raises(subprocess.CalledProcessError) as info:
+        _run_all([[sys.executable, "-c", "import time; time.sleep(60)"], [sys.executable, "-c", "raise SystemExit(3)"]])
+    assert info.value.returncode == 3 and time.perf_counter() - t < 30  # the sleeping "node" was stopped

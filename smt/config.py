@@ -235,7 +235,7 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nproc: int = 1  # processes per node; > 1 launches the stage under torchrun
-    nnodes: int = 1  # machines; > 1 needs MASTER_ADDR/MASTER_PORT/NODE_RANK set on each (README runbook)
+    nnodes: int = 1  # machines; > 1: launched from the one `dvc repro` with srun (docs/cluster.md)
     num_workers: int = 0
     threads: int = 0  # torch intra-op threads per process (0 = torch's default)
     betas: tuple[float, float] = (0.9, 0.99)

@@ -13,6 +13,9 @@
 3. One tiled inference of each model: time and peak memory.
 4. (CUDA, large models) The selective scan's speed at MambaIRv2-L's profile shapes, stage 1 and 2: our chunked
    Triton kernel against our serial one and mamba_ssm's (when it imports), with ratios (docs/gpu_scan.md).
+5. The cluster measurements of each model (docs/cluster.md): a training step with the per-sample noise against the
+   global stream, with the deterministic mode against without (and whether two identical steps give bit-identical
+   gradients), the foreach EMA update against the per-tensor one.
 
 Prints one table (under torchrun: every rank's, on rank 0) and exits 1 when a check fails. ``--models tiny``
 runs the same checks with the demo models and small kernel shapes (what the CPU tests do).
@@ -270,6 +273,82 @@ def _train_row(preset: str, dev: torch.device, patch: int, batch: int, distribut
     return SmokeRow(label, value, ok)
 
 
+def _cluster_rows(preset: str, dev: torch.device, patch: int, batch: int) -> list[SmokeRow]:
+    """The cluster measurements (docs/cluster.md), same process: a training step (bf16 on CUDA) with the
+    per-sample noise against the global stream; with the deterministic mode against without, and whether two
+    identical steps give bit-identical gradients either way; the foreach EMA update against the per-tensor one."""
+    from contextlib import nullcontext
+
+    from smt.models import sample_noise
+    from smt.train.checkpoint import EMA
+    from smt.train.determinism import set_deterministic
+    from smt.train.engine import _MultiScale
+
+    bf16 = dev.type == "cuda"
+    torch.manual_seed(0)
+    net = build_model(preset, aux_scales=(2, 3)).to(dev).train()
+    model = _MultiScale(net)
+    g = torch.Generator().manual_seed(2)
+    lr = torch.rand(batch, 3, patch, patch, generator=g).to(dev)
+    hr = torch.rand(batch, 3, patch * 4, patch * 4, generator=g).to(dev)
+
+    def step(per_sample: bool, keep: bool = False):
+        net.zero_grad(set_to_none=True)
+        torch.manual_seed(7)  # the engine seeds the step's call keys the same way
+        with sample_noise.per_sample(range(batch)) if per_sample else nullcontext():
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                outs = model(lr)
+            loss, _ = multiscale_loss(outs, hr, 4, {4: 1.0, 2: 0.5, 3: 0.5}, "l1")
+            loss.backward()
+        return [p.grad.detach().clone() for p in net.parameters() if p.grad is not None] if keep else None
+
+    def timed(per_sample: bool, n: int = 2) -> float:
+        step(per_sample)  # warm-up (kernel selection, allocation)
+        _sync(dev)
+        t = time.perf_counter()
+        for _ in range(n):
+            step(per_sample)
+        _sync(dev)
+        return (time.perf_counter() - t) / n
+
+    def same(a, b) -> str:
+        return "yes" if all(torch.equal(x, y) for x, y in zip(a, b)) else "no"
+
+    rows = []
+    try:
+        t_plain, t_noise = timed(False), timed(True)
+        rows.append(SmokeRow(f"{preset} train step, per-sample noise vs global stream",
+                             f"{t_noise:.3f} s vs {t_plain:.3f} s ({t_noise / t_plain:.2f}x)"))
+        off = same(step(True, True), step(True, True))
+        try:
+            set_deterministic(dev, True)
+            t_det = timed(True)
+            on = same(step(True, True), step(True, True))
+        finally:
+            set_deterministic(dev, False)
+        rows.append(SmokeRow(f"{preset} train step, deterministic mode vs not",
+                             f"{t_det:.3f} s vs {t_noise:.3f} s ({t_det / t_noise:.2f}x); identical gradients in "
+                             f"two runs: {on} with the mode, {off} without"))
+    except torch.OutOfMemoryError:
+        rows.append(SmokeRow(f"{preset} cluster measurements", f"out of memory (peak {_peak_mb(dev)})", False))
+    net.zero_grad(set_to_none=True)
+    fast, ref = EMA(net, 0.999), EMA(net, 0.999)
+    times = {}
+    for name, update in (("foreach", fast.update), ("per tensor", ref.update_reference)):
+        update(net, 0)
+        _sync(dev)
+        t = time.perf_counter()
+        for i in range(10):
+            update(net, i)
+        _sync(dev)
+        times[name] = (time.perf_counter() - t) / 10
+    equal = all(torch.equal(a, b) for a, b in zip(fast.model.state_dict().values(), ref.model.state_dict().values()))
+    rows.append(SmokeRow(f"{preset} EMA update, foreach vs per tensor",
+                         f"{times['foreach'] * 1e3:.2f} ms vs {times['per tensor'] * 1e3:.2f} ms "
+                         f"({times['per tensor'] / times['foreach']:.1f}x), equal: {'yes' if equal else 'NO'}", equal))
+    return rows
+
+
 def _infer_row(preset: str, dev: torch.device, infer_side: int, tile: int) -> SmokeRow:
     torch.manual_seed(0)
     net = build_model(preset).to(dev).eval()
@@ -312,6 +391,7 @@ def run_smoke(device: str = "cuda", models: str = "large", patch: int | None = N
     for preset in _SIZES[models]:
         rows.append(_train_row(preset, dev, patch, batch, world > 1))
         rows.append(_infer_row(preset, dev, infer_side, tile))
+        rows += _cluster_rows(preset, dev, patch, batch)
     if world > 1:
         from smt.distributed import gather_objects
 

@@ -56,8 +56,9 @@ def site(tmp_path_factory):
             page.parent.mkdir(parents=True, exist_ok=True)
             page.write_text(f"<!DOCTYPE html><html><head><title>{stage}</title></head><body>{stage}</body></html>")
     (work / "timings").mkdir()
-    (work / "timings/infer.js").write_text('window.SMT_TIMINGS = {"infer": {"hat": {"seconds_per_image": 0.25, '
-                                           '"peak_mb": 512.0}, "fused": {"seconds_per_image": 1.5, "peak_mb": 700}}};\n')
+    measured = {"hat": {"seconds_per_image": 0.25, "peak_mb": 512.0},
+                "fused": {"seconds_per_image": 1.5, "peak_mb": 700}}
+    (work / "timings/infer.js").write_text(f"window.SMT_TIMINGS = {json.dumps({'infer': measured})};\n")
     result = run_evaluation(data_cfg, ReportConfig(), work / "results", work / "reports/report", work / "reports",
                             work / "params.yaml")
     (work / "reports/report/report.html").write_text("<!DOCTYPE html><html><body>report</body></html>")  # notebook's
@@ -178,14 +179,12 @@ def test_screenshot_of_a_viewer_is_not_blank(site, browser):
 
 def test_report_pages_are_byte_identical_on_rerun(site, tmp_path):
     """Every file the report stage writes (pages, thumbnails, bicubic PNGs, metrics) has the same bytes."""
-    from smt.config import ReportConfig
+    from smt.config import DataConfig, ReportConfig
     from smt.report.evaluation import run_evaluation
 
     work, result = site
     before = tmp_path / "before"
     shutil.copytree(work / "reports", before)
-    from smt.config import DataConfig
-
     run_evaluation(DataConfig(root=str(work / "data/demo"), max_side=48, train_images=("camera",),
                               valid_images=("astronaut", "coins"), test_images=("chelsea",)),
                    ReportConfig(), work / "results", work / "reports/report", work / "reports", work / "params.yaml")

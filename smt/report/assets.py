@@ -42,7 +42,8 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
       var dir = th.dataset.dir === "asc" ? -1 : 1;
       th.dataset.dir = dir === 1 ? "asc" : "desc";
       rows.sort(function (a, b) {
-        var x = a.cells[col].dataset.v || a.cells[col].textContent, y = b.cells[col].dataset.v || b.cells[col].textContent;
+        var x = a.cells[col].dataset.v || a.cells[col].textContent;
+        var y = b.cells[col].dataset.v || b.cells[col].textContent;
         var nx = parseFloat(x), ny = parseFloat(y);
         return dir * (isNaN(nx) || isNaN(ny) ? x.localeCompare(y) : nx - ny);
       });
@@ -67,7 +68,8 @@ COST_JS = """\
   if (!rows) return;
   box.innerHTML = "<table class=\\"cost\\"><thead><tr><th>method</th><th>seconds per image</th>" +
     "<th>peak memory (MB)</th></tr></thead><tbody>" + rows + "</tbody></table>" +
-    "<p class=\\"note\\">Measured by this machine's last run of the inference stage (<code>timings/infer.json</code>, " +
+    "<p class=\\"note\\">Measured by this machine's last run of the inference stage " +
+    "(<code>timings/infer.json</code>, " +
     "not a DVC output: wall-clock differs between runs).</p>";
 })();
 """
@@ -112,7 +114,8 @@ VIEWER_JS = """\
     apply();
   }
   function actual() {  // 100%, centred where the image is smaller than the stage
-    view = {scale: 1, x: Math.max(0, (stage.clientWidth - D.width) / 2), y: Math.max(0, (stage.clientHeight - D.height) / 2)};
+    view = {scale: 1, x: Math.max(0, (stage.clientWidth - D.width) / 2),
+            y: Math.max(0, (stage.clientHeight - D.height) / 2)};
     apply();
   }
   function setSplit(v) { split = Math.min(1, Math.max(0, v)); slider.value = Math.round(split * 1000); apply(); }

@@ -5,7 +5,8 @@ stage wrote. Outputs: ``per_image.csv`` (one row per split, method and image), `
 means, the protocol, the verdict), ``reports/metrics/*.json`` (the headline numbers, one row each of ``dvc metrics
 show``), ``crops.png`` (zoomed crops, HR first), ``fusion.png`` (PSNR-Y against the fusion weight), ``gains.png``
 (per-image gain over bicubic), the comparison viewers, thumbnails and galleries (:mod:`smt.report.viewer`) and
-``reports/index.html``; method order from ``results/methods.json``. Wall-clock figures stay out of these outputs (``timings/``), so a rerun is byte-identical.
+``reports/index.html``; method order from ``results/methods.json``. Wall-clock figures stay out of these outputs
+(``timings/``), so a rerun is byte-identical.
 """
 from __future__ import annotations
 
@@ -174,9 +175,9 @@ def _image_entries(root: Path, manifests: dict[str, pd.DataFrame], results_dir: 
             versions = {"HR": root / row.hr_path} if hr else {}
             versions["bicubic"] = bic_png
             versions.update({m: files[row.id] for m, files in folders.items() if row.id in files})
+            scored = {n: scores[(split, row.id, n)] for n in versions if (split, row.id, n) in scores}
             entries.append(ImageEntry(split, str(row.id), str(getattr(row, "source", "") or ""), bic.shape[1],
-                                      bic.shape[0], versions,
-                                      {n: scores[(split, row.id, n)] for n in versions if (split, row.id, n) in scores}))
+                                      bic.shape[0], versions, scored))
     return entries
 
 

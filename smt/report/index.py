@@ -47,7 +47,8 @@ def summary_table(summary: Mapping[str, Mapping[str, float]], sortable: bool = F
             "<th>PSNR-RGB (dB)</th><th>SSIM-RGB</th><th>colour shift, mean</th><th>colour shift, worst image</th>"
             "</tr></thead>")
     opt = lambda v, k, f: format(v[k], f) if k in v else "&ndash;"  # noqa: E731
-    gain = lambda m, v: f"{v['psnr_y'] - floor:+.2f}" if floor is not None and m != "bicubic" else "&ndash;"  # noqa: E731
+    gain = lambda m, v: (f"{v['psnr_y'] - floor:+.2f}" if floor is not None and m != "bicubic"  # noqa: E731
+                         else "&ndash;")
     body = "".join(
         f"<tr><td>{html.escape(m)}</td><td>{v['psnr_y']:.2f}</td><td>{gain(m, v)}</td><td>{v['ssim_y']:.4f}</td>"
         f"<td>{v['psnr_rgb']:.2f}</td><td>{v['ssim_rgb']:.4f}</td><td>{opt(v, 'color_shift', '.2f')}</td>"
@@ -67,7 +68,8 @@ def headline_table(metrics: Mapping) -> str:
             continue
         b, f = summary["bicubic"], summary[final]
         n = metrics.get("num_images", {}).get(split, "?")
-        rows.append(f"<tr><td>{split} ({n} image{'' if n == 1 else 's'})</td><td>{b['psnr_y']:.2f}</td><td><b>{f['psnr_y']:.2f}</b></td>"
+        rows.append(f"<tr><td>{split} ({n} image{'' if n == 1 else 's'})</td><td>{b['psnr_y']:.2f}</td>"
+                    f"<td><b>{f['psnr_y']:.2f}</b></td>"
                     f"<td><b>{f['psnr_y'] - b['psnr_y']:+.2f}</b></td><td>{b['ssim_y']:.4f}</td>"
                     f"<td>{f['ssim_y']:.4f}</td><td>{f['color_shift']:.2f} / {f['color_shift_max']:.2f}</td></tr>")
     if not rows:

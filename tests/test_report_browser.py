@@ -46,6 +46,8 @@ def site(tmp_path_factory):
                 out = np.clip(bic.astype(int) + offset, 0, 255).astype(np.uint8)
                 write_png(work / "results" / split / method / f"{row.id}x4.png", out)
     (work / "results/methods.json").write_text(json.dumps({"methods": list(OFFSETS)}))
+    (work / "results/protocol_comparison.json").write_text(json.dumps(  # shown by name where present
+        {"valid": {"ours": {"psnr_y": 27.123}, "authors": {"psnr_y": 27.081}}}))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(root=data_cfg.root)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
@@ -112,13 +114,16 @@ def test_index_opens_with_the_headline_chart_thumbnails_and_cost(site, browser):
     assert headline.startswith("Headline: fused against bicubic|") and "valid (2 images)" in headline
     assert "test (1 image)" in headline and "+0.00" in headline  # fused == bicubic here
     order = browser.eval("Array.from(document.querySelectorAll('h2')).map(h => h.textContent)")
-    assert order[:4] == ["Headline: fused against bicubic", "Gain over bicubic, per image", "Look at the images",
-                         "Cost per method"]
+    assert order[:5] == ["Headline: fused against bicubic", "Protocol comparison", "Gain over bicubic, per image",
+                         "Look at the images", "Cost per method"]
     thumbs = browser.eval("Array.from(document.querySelectorAll('.thumbs img')).map(i => i.loading)")
     assert thumbs == ["lazy"] * 3
     cost = browser.eval("document.getElementById('cost').innerText")
     assert "seconds per image" in cost and "0.250" in cost and "512" in cost
     assert browser.eval("document.body.innerText").count("dvc repro ablation_") == 4
+    compare = browser.eval("Array.from(document.querySelectorAll('h2')).find(h => h.textContent == "
+                           "'Protocol comparison').nextElementSibling.innerText")
+    assert compare.startswith("protocol comparison") and "authors" in compare and "27.08" in compare
 
 
 @needs_browser

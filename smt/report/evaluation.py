@@ -44,6 +44,7 @@ class EvaluationResult:
     gains_png: Path | None = None
     generalisation: str = ""  # one plain sentence: is the final method above bicubic on every image?
     images: list = field(default_factory=list)  # ImageEntry per image: the comparison viewers
+    comparisons: dict = field(default_factory=dict)  # results/*protocol*.json (the inference stage's, if any)
 
 
 def final_method(methods: list[str]) -> str:
@@ -261,9 +262,11 @@ def run_evaluation(data_cfg: DataConfig, report_cfg: ReportConfig, results_dir: 
     if not timings_js.exists():
         timings_js.parent.mkdir(parents=True, exist_ok=True)
         timings_js.write_text("window.SMT_TIMINGS = window.SMT_TIMINGS || {};\n")
+    # a protocol comparison the inference stage may write (e.g. the authors' protocol beside ours): shown as is
+    comparisons = {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*protocol*.json"))}
     report_rel = rel(out_dir, reports_dir)
     index_html = write_index(reports_dir, metrics, protocol.describe(), data_note,
                              list(stage_definitions(params_path)), entries, galleries, report_rel,
-                             rel(gains_png, reports_dir) if gains_png else None)
+                             rel(gains_png, reports_dir) if gains_png else None, comparisons)
     return EvaluationResult(per_image, metrics, protocol.describe(), crops_png, index_html, fusion_png, gains_png,
-                            note, entries)
+                            note, entries, comparisons)

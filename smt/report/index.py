@@ -82,14 +82,17 @@ def headline_table(metrics: Mapping) -> str:
 
 def write_index(reports_dir: str | Path, metrics: Mapping, protocol: str, data_note: str, stages: Sequence[str],
                 entries: Sequence[ImageEntry] = (), galleries: Sequence[str] = (), report_rel: str = "report",
-                gains_png: str | None = None) -> Path:
+                gains_png: str | None = None, comparisons: Mapping[str, Mapping] | None = None) -> Path:
     """Write ``reports_dir/index.html`` from the summary dict (``metrics[split][method][metric]``).
 
     Links the report of every stage in ``stages`` (the pipeline's, in its order) except the ablations, which are
     listed with the command that writes them. The page depends on nothing but its arguments, so a rerun writes
     the same bytes. ``entries``: the images (thumbnails open ``report_rel/view/...``); ``galleries``: the pages
-    listing all of them; ``gains_png``: the gain chart, relative to ``reports_dir``.
+    listing all of them; ``gains_png``: the gain chart, relative to ``reports_dir``; ``comparisons``: name ->
+    a results file's content (a protocol comparison), shown as key/value tables.
     """
+    from smt.report.tables import kv_table
+
     reports_dir = Path(reports_dir)
     links = "".join(f'<li><a href="{html.escape(s)}/{html.escape(s)}.html">{html.escape(stage_title(s))}</a></li>'
                     for s in stages if s not in ABLATIONS)
@@ -117,6 +120,10 @@ def write_index(reports_dir: str | Path, metrics: Mapping, protocol: str, data_n
     gains = (f'<h2>Gain over bicubic, per image</h2><p><img src="{gains_png}" alt="PSNR-Y gain over bicubic per '
              f'image and method"></p><p class="note">PSNR-Y of each method minus bicubic\'s on the same image; a bar '
              "below zero is an image on which the method loses to plain interpolation.</p>") if gains_png else ""
+    compare = "".join(f"<h3>{html.escape(name.replace('_', ' '))}</h3>{kv_table(content)}"
+                      for name, content in (comparisons or {}).items())
+    compare = (f"<h2>Protocol comparison</h2>{compare}<p class=\"note\">From <code>results/</code> (the inference "
+               "stage).</p>") if compare else ""
     weight = (f" (weight {metrics['fusion_weight']:.2f})" if "fusion_weight" in metrics else "")
     page = (page_head("SMT reports", f"{report_rel}/assets")
             + f"""<h1>SMT: NTIRE 2025 x4 super-resolution, reproduced</h1>
@@ -125,6 +132,7 @@ def write_index(reports_dir: str | Path, metrics: Mapping, protocol: str, data_n
 {headline_table(metrics)}
 <p class="note">{html.escape(protocol)}. Mean over images. Colour shift: the largest over R, G, B of |mean(SR &minus;
 HR)| on the scored region, in grey levels.</p>
+{compare}
 {gains}
 <h2>Look at the images</h2>
 <p>Each thumbnail opens a comparison viewer: the whole image at full resolution, a slider between any two of HR,

@@ -156,10 +156,15 @@ def headline_metrics(metrics: dict, models: list[str]) -> dict[str, dict]:
     return out
 
 
+def _bicubic_png(out_dir: Path, split: str, img_id: str) -> Path:
+    return out_dir / "bicubic" / split / f"{img_id}.png"
+
+
 def _image_entries(root: Path, manifests: dict[str, pd.DataFrame], results_dir: Path, out_dir: Path,
-                   order: list[str], per_image: pd.DataFrame, scale: int) -> list[ImageEntry]:
+                   order: list[str], per_image: pd.DataFrame, scale: int, written: set) -> list[ImageEntry]:
     """Every image of every split with its versions (HR, bicubic, each method's output) and scores; writes the
-    bicubic PNGs (no other stage keeps them) under ``out_dir/bicubic``."""
+    bicubic PNGs (no other stage keeps them) under ``out_dir/bicubic`` but those in ``written`` ((split, id) pairs
+    the scoring already wrote)."""
     scores = {(r.split, r.id, r.method): (r.psnr_y, r.color_shift) for r in per_image.itertuples()}
     entries = []
     for split, manifest in manifests.items():
@@ -167,18 +172,20 @@ def _image_entries(root: Path, manifests: dict[str, pd.DataFrame], results_dir: 
                    for m, f in _method_folders(results_dir, split, order).items()}
         hr = has_hr(manifest)
         for row in tqdm(manifest.itertuples(), total=len(manifest), desc=f"viewer {split}", unit="img"):
-            lr = read_image(root / row.lr_path)
-            bic = bicubic_upscale(lr, scale)
+            bic_png = _bicubic_png(out_dir, split, row.id)
             if hr:
-                bic = bic[: row.hr_height, : row.hr_width]
-            bic_png = out_dir / "bicubic" / split / f"{row.id}.png"
-            write_png(bic_png, bic)
+                width, height = row.hr_width, row.hr_height
+            else:
+                width, height = row.lr_width * scale, row.lr_height * scale
+            if (split, row.id) not in written:
+                bic = bicubic_upscale(read_image(root / row.lr_path), scale)[:height, :width]
+                write_png(bic_png, bic)
             versions = {"HR": root / row.hr_path} if hr else {}
             versions["bicubic"] = bic_png
             versions.update({m: files[row.id] for m, files in folders.items() if row.id in files})
             scored = {n: scores[(split, row.id, n)] for n in versions if (split, row.id, n) in scores}
-            entries.append(ImageEntry(split, str(row.id), str(getattr(row, "source", "") or ""), bic.shape[1],
-                                      bic.shape[0], versions, scored))
+            entries.append(ImageEntry(split, str(row.id), str(getattr(row, "source", "") or ""), int(width),
+                                      int(height), versions, scored))
     return entries
 
 
@@ -192,7 +199,7 @@ def run_evaluation(data_cfg: DataConfig, report_cfg: ReportConfig, results_dir: 
     root, results_dir, out_dir = Path(data_cfg.root), Path(results_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frames, crop_rows, psnr_of = [], [], {}
-    num_images, sources, manifests = {}, {}, {}
+    num_images, sources, manifests, written = {}, {}, {}, set()
     methods_path = results_dir / "methods.json"  # the inference stage's methods in table order
     order = json.loads(methods_path.read_text())["methods"] if methods_path.exists() else []
     for split in ("valid", "test"):
@@ -210,6 +217,8 @@ def run_evaluation(data_cfg: DataConfig, report_cfg: ReportConfig, results_dir: 
             hr, lr = read_image(root / row.hr_path), read_image(root / row.lr_path)
             sr = bicubic_upscale(lr, data_cfg.scale)[: hr.shape[0], : hr.shape[1]]
             rows.append({"id": row.id, **evaluate_pair(sr, hr, protocol)})
+            write_png(_bicubic_png(out_dir, split, row.id), sr)  # the viewers' bicubic version
+            written.add((split, row.id))
             if split == "valid" and len(crop_rows) < report_cfg.num_crops:
                 crop_rows.append((row.id, {"HR": hr, "bicubic": sr}))
         frames.append(pd.DataFrame(rows).assign(split=split, method="bicubic"))
@@ -251,7 +260,7 @@ def run_evaluation(data_cfg: DataConfig, report_cfg: ReportConfig, results_dir: 
         (headline_dir / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
     crops_png = out_dir / "crops.png"
     save_crop_grid(crops_png, crop_rows, report_cfg.crop_size, psnr_of)
-    entries = _image_entries(root, manifests, results_dir, out_dir, order, per_image, data_cfg.scale)
+    entries = _image_entries(root, manifests, results_dir, out_dir, order, per_image, data_cfg.scale, written)
     galleries = write_image_pages(entries, out_dir, metrics.get("final_method"))
     data_note = (f"{data_cfg.source} profile, x{data_cfg.scale}; LR = MATLAB-bicubic (antialiased) downscale of "
                  f"the HR images, rounded to uint8; " +

@@ -28,6 +28,10 @@ __all__ = ["ImageEntry", "write_image_pages", "rel", "page_head", "thumbs_html",
 INDEX_THUMBS = 12  # per split on the index page; the rest are in the galleries
 GALLERY_PAGE = 60  # thumbnails per gallery page
 THUMB_SIZE = 160
+# inline, so that the thumbnails keep their layout on the notebook's page too (which has not our stylesheet)
+_THUMB_A = f"display:block;width:{THUMB_SIZE}px;font-size:.8em;text-decoration:none"
+_THUMB_IMG = (f"display:block;width:{THUMB_SIZE}px;height:{THUMB_SIZE * 3 // 4}px;object-fit:contain;"
+              "background:#eee;border:1px solid #ccc")
 
 
 @dataclass
@@ -79,10 +83,10 @@ def thumbs_html(entries: list[ImageEntry], prefix: str, scores_of: str | None) -
         if scores_of and scores_of in e.scores and "bicubic" in e.scores:
             gain = f"<br>{scores_of} {e.scores[scores_of][0] - e.scores['bicubic'][0]:+.2f} dB over bicubic"
         src = f" ({html.escape(e.source)})" if e.source else ""
-        items.append(f'<a href="{prefix}{e.page}"><img loading="lazy" src="{prefix}{e.thumb}" '
-                     f'alt="{html.escape(e.split)}/{html.escape(e.id)}">{html.escape(e.split)}/{html.escape(e.id)}'
-                     f'{src}{gain}</a>')
-    return f'<div class="thumbs">{"".join(items)}</div>'
+        items.append(f'<a href="{prefix}{e.page}" style="{_THUMB_A}"><img loading="lazy" src="{prefix}{e.thumb}" '
+                     f'alt="{html.escape(e.split)}/{html.escape(e.id)}" style="{_THUMB_IMG}">'
+                     f'{html.escape(e.split)}/{html.escape(e.id)}{src}{gain}</a>')
+    return f'<div class="thumbs" style="display:flex;flex-wrap:wrap;gap:.6em">{"".join(items)}</div>'
 
 
 def _viewer_page(e: ImageEntry, report_dir: Path, prev: ImageEntry | None, nxt: ImageEntry | None,

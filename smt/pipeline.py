@@ -44,7 +44,8 @@ from smt.config import BenchmarkConfig, TrainConfig, _sections, load_params, loa
 
 __all__ = ["build_stages", "dvc_stage", "write_dvc_yaml", "stage_definitions", "stage_notebooks",
            "train_stage_name", "StageDef", "EXECUTION_ONLY", "section_params", "code_deps", "import_closure",
-           "import_graph", "package_data_files", "ROOT", "RESULTS_DIR", "SELECTION_DIR", "REPORTS_DIR", "TIMINGS_DIR"]
+           "import_graph", "package_data_files", "ROOT", "RESULTS_DIR", "SELECTION_DIR", "REPORTS_DIR", "TIMINGS_DIR",
+           "HEADLINE_DIR", "headline_names"]
 
 ROOT = Path(__file__).resolve().parents[1]  # the folder holding smt/ and notebooks/ (and dvc.yaml)
 
@@ -80,6 +81,8 @@ RESULTS_DIR = "results"
 SELECTION_DIR = "data/selection"
 REPORTS_DIR = "reports"
 TIMINGS_DIR = "timings"  # wall-clock measurements of each stage: not DVC outputs (see smt/stages.py)
+# the report stage's headline numbers, one small file per row of `dvc metrics show` (docs/reports.md)
+HEADLINE_DIR = f"{REPORTS_DIR}/metrics"
 
 # the ablation stages (not run by `make repro`, which targets `report`; `dvc repro ablation_loss` etc.)
 ABLATION_NOTEBOOKS = {
@@ -156,6 +159,12 @@ def _timings(name: str) -> str:
     return f"{TIMINGS_DIR}/{name}.json"
 
 
+def headline_names(models) -> list[str]:
+    """The rows of the report stage's headline metrics (``HEADLINE_DIR/NAME.json``): bicubic, each model alone,
+    and the final method (``final``, whatever the pipeline's last method is called)."""
+    return ["bicubic", *models, "final"]
+
+
 def stage_definitions(params_path: str | Path = "params.yaml") -> dict[str, StageDef]:
     """Every stage of the pipeline of ``params_path``, in pipeline order."""
     cfg: TrainConfig = load_section("train", params_path)
@@ -207,7 +216,7 @@ def stage_definitions(params_path: str | Path = "params.yaml") -> dict[str, Stag
                  deps=(*data, RESULTS_DIR),
                  params=("data.source", "data.root", "data.scale", *section_params("report", params_path)),
                  outs=(_report_dir("report"), f"{REPORTS_DIR}/index.html"),
-                 metrics=({f"{REPORTS_DIR}/metrics.json": {"cache": False}},)),
+                 metrics=tuple({f"{HEADLINE_DIR}/{n}.json": {"cache": False}} for n in headline_names(cfg.models))),
     ]
     ablation_common = ("data.root", "data.scale", *section_params("ablations", params_path))
     metrics = {name: f"{REPORTS_DIR}/metrics_{name}.json" for name in ABLATION_NOTEBOOKS}
@@ -473,7 +482,8 @@ def write_dvc_yaml(params_path: str | Path = "params.yaml", out: str | Path = "d
     cfg: TrainConfig = load_section("train", params_path)
     doc = {"stages": build_stages(params_path)}
     runs = [f"{cfg.out_root}/{m}/{cfg.run_name(r, s)}" for m in cfg.models for r, s in cfg.schedule()]
-    doc["metrics"] = [f"{run}/metrics.json" for run in runs]
+    # the training runs' metrics.json are not listed under `metrics`: `dvc metrics show` keeps to the headline
+    # (reports/metrics/, the ablations'); their validation curves are plots
     doc["plots"] = [{f"{run}/val_log.csv": {"x": "step", "y": ["psnr_y", "bicubic_psnr_y"]}} for run in runs]
     out = Path(out)
     out.write_text(HEADER + yaml.dump(doc, Dumper=_NoAliases, sort_keys=False, width=120))

@@ -11,7 +11,8 @@ the run: papermill's start/end times and durations, per-cell execution timestamp
 warnings, timings: shown on the console while the stage runs), the random id papermill gives the cell it adds,
 memory addresses in object reprs and pandas Styler's random table ids (renumbered).
 Wall-clock time goes to ``timings/S.json`` (``stage_seconds``, plus what the stage itself measured, e.g. seconds
-per image), which is not a DVC output: timings never change a hash in ``dvc.lock``.
+per image) and, for the report pages to show, ``timings/S.js``; neither is a DVC output: timings never change a
+hash in ``dvc.lock``.
 
 **Persisted outputs resume only an interrupted run of the same inputs.** DVC keeps ``persist: true`` outputs
 (training runs) when it reruns a stage, so that a killed stage resumes. Before running, the runner compares a
@@ -215,7 +216,11 @@ def run_stage(name: str, params_path: str = "params.yaml", root: str | Path = ".
     export_html(executed, html_path)
     measured = json.loads(timings.read_text()) if timings.is_file() else {}
     timings.parent.mkdir(parents=True, exist_ok=True)
-    timings.write_text(json.dumps({"stage": name, "stage_seconds": round(seconds, 3), **measured}, indent=2) + "\n")
+    record = {"stage": name, "stage_seconds": round(seconds, 3), **measured}
+    timings.write_text(json.dumps(record, indent=2) + "\n")
+    # the same record as a script the report pages load from file:// (a browser will not fetch JSON there)
+    timings.with_suffix(".js").write_text(f"window.SMT_TIMINGS = window.SMT_TIMINGS || {{}};\n"
+                                          f"window.SMT_TIMINGS[{json.dumps(name)}] = {json.dumps(record)};\n")
     return html_path
 
 

@@ -163,7 +163,7 @@ def export_checkpoint(path: str | Path, out: str | Path, layout: str = "official
     if preset_name:
         preset(preset_name)  # an unknown preset raises, listing the valid ones
     state, arch, kwargs = read_for_export(path, preset_name)
-    if expect_arch is not None and arch.rstrip("light") != expect_arch:
+    if expect_arch is not None and arch.removesuffix("light") != expect_arch:
         raise CheckpointError(f"{path}: holds a {arch} model, not {expect_arch} (the NAME argument of export)")
     return write_weights(state, arch, kwargs, out, layout)
 

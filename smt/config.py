@@ -130,6 +130,9 @@ class InferConfig:
     routing: Literal["gumbel", "argmax"] = "argmax"  # MambaIRv2 prompt routing at inference
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast: fast on GPUs / CPUs with native bf16
     seed: int = 0  # seeds the Gumbel noise when routing is "gumbel"
+    # whose inference protocol makes the method's outputs: "smt" (ours) or "bbox" (the authors' code, exactly:
+    # smt.infer.bbox_protocol, docs/bbox_protocol.md)
+    protocol: Literal["smt", "bbox"] = "smt"
     fusion_grid: int = 101
     nproc: int = 1  # processes per node; > 1 shards the images across processes under torchrun
     nnodes: int = 1

@@ -1,0 +1,158 @@
+"""The authors' inference protocol (smt.infer.bbox_protocol) against their code's outputs on random weights
+(tests/fixtures/bbox_smt, made by running ZZXF11/BBox_Solution_NTIRE2025_ImageSR_x4 on CPU: see its README),
+their fusion, and the protocol switches (infer.protocol, --protocol)."""
+from __future__ import annotations
+
+import io
+import lzma
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from smt.config import ConfigError, InferConfig, parse_section
+from smt.data.images import image_to_tensor, tensor_to_image
+from smt.infer.bbox_protocol import (BBOX_SEED, BBoxMethod, check_protocol, fuse_bbox, hat_bbox, mambairv2_bbox,
+                                     split_tiles, gumbel_routing)
+from smt.models import HAT, MambaIRv2, load_model
+
+FIXTURES = Path(__file__).parent / "fixtures" / "bbox_smt"
+
+
+def _load_xz(name: str):
+    with lzma.open(FIXTURES / name) as f:
+        return torch.load(io.BytesIO(f.read()), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def case():
+    return _load_xz("cases.pt.xz")
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory):
+    """Our classes loaded from the authors' layouts by the project's loader (architecture from the tensors)."""
+    out = {}
+    for name in ("hat", "mambairv2"):
+        path = tmp_path_factory.mktemp("bbox") / f"{name}.pth"
+        path.write_bytes(lzma.open(FIXTURES / f"{name}_bbox_layout.pth.xz").read())
+        out[name] = load_model(path, None, "cpu")
+    return out
+
+
+def _assert_uint8_parity(ours: np.ndarray, theirs: torch.Tensor, near_half: torch.Tensor, what: str) -> int:
+    """Equal bytes, except by one level where their float lay within 1e-3 of a rounding boundary (x255): our
+    models compute their function with other float rounding. Returns how many pixels differ."""
+    ours_chw = torch.from_numpy(ours).permute(2, 0, 1).reshape(-1).int()
+    theirs_chw = theirs.permute(2, 0, 1).reshape(-1).int()
+    diff = (ours_chw - theirs_chw).abs()
+    off = torch.nonzero(diff).flatten()
+    assert diff.max() <= 1, f"{what}: a pixel differs by {int(diff.max())} levels"
+    assert bool(torch.isin(off, near_half.long()).all()), \
+        f"{what}: {int((~torch.isin(off, near_half.long())).sum())} pixels differ away from a rounding boundary"
+    return len(off)
+
+
+def test_bbox_models_are_our_classes_loaded_from_their_layouts(nets):
+    assert isinstance(nets["hat"], HAT) and isinstance(nets["mambairv2"], MambaIRv2)
+    assert nets["hat"].window_size == 16 and nets["mambairv2"].window_size == 16
+
+
+def test_hat_forward_matches_their_mshat_on_the_padded_input(nets, case):
+    x = image_to_tensor(case["inputs"]["a_odd"].numpy())
+    ph, pw = case["forward"]["hat_input_padded_to"]
+    from smt.models.common import pad_reflect_any
+    xp = pad_reflect_any(x, ph - x.shape[-2], pw - x.shape[-1], "symmetric")  # their process_img padding
+    with torch.no_grad():
+        y = nets["hat"](xp)
+    torch.testing.assert_close(y, case["forward"]["hat"][4], atol=1e-5, rtol=0)
+
+
+def _hat_parity(nets, case, name: str) -> None:
+    ours = tensor_to_image(hat_bbox(nets["hat"], image_to_tensor(case["inputs"][name].numpy())))
+    assert ours.shape == tuple(case["hat_u8"][name].shape)
+    _assert_uint8_parity(ours, case["hat_u8"][name], case["hat_near_half"][name], f"HAT {name}")
+
+
+def _mambairv2_parity(nets, case, names: list[str]) -> None:
+    assert case["seed"] == BBOX_SEED and names == case["order"][:len(names)]
+    net = nets["mambairv2"]
+    torch.manual_seed(case["seed"])  # once per run; the images in their (sorted) order, the stream carried
+    with gumbel_routing(net):
+        for name in names:
+            ours = tensor_to_image(mambairv2_bbox(net, image_to_tensor(case["inputs"][name].numpy())))
+            _assert_uint8_parity(ours, case["mamba_u8"][name], case["mamba_near_half"][name], f"MambaIRv2 {name}")
+
+
+def test_hat_bbox_protocol_matches_their_uint8_output_on_the_odd_sized_image(nets, case):
+    _hat_parity(nets, case, "a_odd")
+
+
+@pytest.mark.slow
+def test_hat_bbox_protocol_matches_their_uint8_output_on_the_larger_image(nets, case):
+    _hat_parity(nets, case, "b_tiled")
+
+
+def test_mambairv2_bbox_protocol_matches_their_uint8_output_with_the_same_gumbel_stream(nets, case):
+    _mambairv2_parity(nets, case, ["a_odd"])  # every split size covers the image: 40 whole-image passes
+
+
+@pytest.mark.slow
+def test_mambairv2_bbox_protocol_matches_their_tiled_uint8_output_after_the_first_image(nets, case):
+    _mambairv2_parity(nets, case, ["a_odd", "b_tiled"])  # S = 100 tiles 2 x 2 (one side reflect-padded)
+
+
+def test_bbox_method_fuses_both_models_as_their_test_py(nets, case):
+    method = BBoxMethod({"hat": nets["hat"], "mambairv2": nets["mambairv2"]})
+    got = method(case["inputs"]["a_odd"].numpy())  # seeds BBOX_SEED at its first image; HAT then MambaIRv2
+    theirs = case["fused_u8"]["a_odd"].numpy()
+    # equal to their fused bytes except where a model's own output sat on a rounding boundary (tests above)
+    assert got.shape == theirs.shape
+    diff = np.abs(got.astype(int) - theirs.astype(int))
+    assert diff.max() <= 1 and np.count_nonzero(diff) <= 2
+
+
+def test_fuse_bbox_equals_their_fusion_and_floor_of_the_mean(case):
+    for name, theirs in case["fused_u8"].items():
+        got = fuse_bbox(case["mamba_u8"][name].numpy(), case["hat_u8"][name].numpy())
+        np.testing.assert_array_equal(got, theirs.numpy())
+    a, b = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8))
+    np.testing.assert_array_equal(fuse_bbox(a, b), ((a.astype(int) + b) // 2).astype(np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        fuse_bbox(a.astype(np.float32), b)
+
+
+def test_split_tiles_partition_the_padded_image_with_their_overlap():
+    for h, w, s in [(104, 101, 100), (37, 29, 100), (250, 611, 200), (1020, 2040, 300)]:
+        pad_h, pad_w, tiles, core_h, core_w = split_tiles(h, w, s)
+        n_h, n_w = h // s + 1, w // s + 1
+        assert len(tiles) == n_h * n_w and (h + pad_h) % n_h == 0 and (w + pad_w) % n_w == 0
+        assert pad_h < n_h and pad_w < n_w
+        for rows, cols, i, j in tiles:
+            assert rows.start == max(0, i * core_h - core_h // 10) if i else rows.start == 0
+            assert rows.stop == (i + 1) * core_h + (core_h // 10 if i < n_h - 1 else 0)
+            assert cols.stop == (j + 1) * core_w + (core_w // 10 if j < n_w - 1 else 0)
+
+
+def test_protocol_names_are_checked_everywhere(tmp_path, capsys):
+    assert check_protocol("bbox") == "bbox"
+    with pytest.raises(ValueError, match=r"unknown protocol 'authors' \(valid: smt, bbox\)"):
+        check_protocol("authors")
+    assert parse_section(InferConfig, {"protocol": "bbox"}, "infer").protocol == "bbox"
+    assert InferConfig().protocol == "smt"
+    with pytest.raises(ConfigError, match="protocol"):
+        parse_section(InferConfig, {"protocol": "theirs"}, "infer")
+    from smt.benchmark import parse_protocols
+    assert parse_protocols("both") == ("smt", "bbox") and parse_protocols("bbox, smt") == ("bbox", "smt")
+    with pytest.raises(ValueError, match="--protocol: unknown protocol 'x'"):
+        parse_protocols("smt,x")
+    from smt.__main__ import main
+    src = tmp_path / "in.png"
+    from PIL import Image
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src)
+    assert main(["upscale", str(src), "-o", str(tmp_path / "o"), "--protocol", "nope"]) == 2
+    assert "--protocol: unknown protocol 'nope' (valid: smt, bbox)" in capsys.readouterr().err
+    assert main(["upscale", str(src), "-o", str(tmp_path / "o"), "--checkpoint", "a.pth", "--checkpoint",
+                 "b.pth"]) == 2
+    assert "two fused by the authors' protocol (--protocol bbox)" in capsys.readouterr().err

@@ -156,3 +156,38 @@ def test_protocol_names_are_checked_everywhere(tmp_path, capsys):
     assert main(["upscale", str(src), "-o", str(tmp_path / "o"), "--checkpoint", "a.pth", "--checkpoint",
                  "b.pth"]) == 2
     assert "two fused by the authors' protocol (--protocol bbox)" in capsys.readouterr().err
+
+
+from test_infer import trained_setup  # noqa: E402,F401 - the infer stage's tiny data and models
+
+
+@pytest.mark.slow
+def test_infer_stage_runs_their_protocol_beside_ours_and_instead_of_ours(trained_setup, tmp_path):
+    """infer.protocol bbox: the fused images are their method's (valid then test: one Gumbel stream);
+    compare_protocols: both fused PSNR-Y on test in results/protocols.json, seconds only in the timings file."""
+    import dataclasses
+    import json
+
+    from smt.data.images import read_image
+    from smt.data.manifest import read_manifest
+    from smt.infer.runner import load_method_models, run_inference
+    from smt.metrics import NTIRE2025, evaluate_pair
+
+    data, train, infer, _ = trained_setup
+    cfg = dataclasses.replace(infer, protocol="bbox", compare_protocols=True)
+    out = tmp_path / "results"
+    run_inference(cfg, train, data, out, log=lambda m: None, timings_path=tmp_path / "timings.json")
+    table = json.loads((out / "protocols.json").read_text())
+    assert table["images"] == 1 and set(table["psnr_y"]) == {"smt", "bbox"} and "seconds" not in str(table)
+    assert json.loads((tmp_path / "timings.json").read_text())["fused [bbox]"]["seconds_per_image"] > 0
+    method = BBoxMethod(load_method_models(cfg, train, "cpu"))
+    root = Path(data.root)
+    for split in ("valid", "test"):
+        for row in read_manifest(data.root, split).itertuples():
+            theirs = method(read_image(root / row.lr_path))
+            np.testing.assert_array_equal(read_image(out / split / "fused" / f"{row.id}x4.png"), theirs)
+            if split == "test":
+                got = evaluate_pair(theirs, read_image(root / row.hr_path), NTIRE2025)["psnr_y"]
+                assert table["psnr_y"]["bbox"] == pytest.approx(got, abs=1e-9)
+    with pytest.raises(ConfigError, match="one process"):
+        parse_section(InferConfig, {"protocol": "bbox", "nproc": 2}, "infer")

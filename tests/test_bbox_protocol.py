@@ -31,14 +31,20 @@ def case():
 
 
 @pytest.fixture(scope="module")
-def nets(tmp_path_factory):
-    """Our classes loaded from the authors' layouts by the project's loader (architecture from the tensors)."""
-    out = {}
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """The fixture's two files in the authors' layouts, as their released ``.pth`` files are."""
+    folder = tmp_path_factory.mktemp("bbox")
+    paths = {}
     for name in ("hat", "mambairv2"):
-        path = tmp_path_factory.mktemp("bbox") / f"{name}.pth"
-        path.write_bytes(lzma.open(FIXTURES / f"{name}_bbox_layout.pth.xz").read())
-        out[name] = load_model(path, None, "cpu")
-    return out
+        paths[name] = folder / f"{name}.pth"
+        paths[name].write_bytes(lzma.open(FIXTURES / f"{name}_bbox_layout.pth.xz").read())
+    return paths
+
+
+@pytest.fixture(scope="module")
+def nets(checkpoints):
+    """Our classes loaded from the authors' layouts by the project's loader (architecture from the tensors)."""
+    return {name: load_model(path, None, "cpu") for name, path in checkpoints.items()}
 
 
 def _assert_uint8_parity(ours: np.ndarray, theirs: torch.Tensor, near_half: torch.Tensor, what: str) -> int:
@@ -103,11 +109,19 @@ def test_mambairv2_bbox_protocol_matches_their_tiled_uint8_output_after_the_firs
     _mambairv2_parity(nets, case, ["a_odd", "b_tiled"])  # S = 100 tiles 2 x 2 (one side reflect-padded)
 
 
-def test_bbox_method_fuses_both_models_as_their_test_py(nets, case):
-    method = BBoxMethod({"hat": nets["hat"], "mambairv2": nets["mambairv2"]})
-    got = method(case["inputs"]["a_odd"].numpy())  # seeds BBOX_SEED at its first image; HAT then MambaIRv2
+def test_upscale_with_their_two_checkpoints_fuses_as_their_test_py(checkpoints, case, tmp_path):
+    from PIL import Image
+
+    from smt.__main__ import main
+
+    src = tmp_path / "a_odd.png"
+    Image.fromarray(case["inputs"]["a_odd"].numpy()).save(src)
+    assert main(["upscale", str(src), "-o", str(tmp_path / "out"), "--protocol", "bbox",
+                 "--checkpoint", str(checkpoints["hat"]), "--checkpoint", str(checkpoints["mambairv2"])]) == 0
+    got = np.array(Image.open(tmp_path / "out" / "a_oddx4.png"))
     theirs = case["fused_u8"]["a_odd"].numpy()
-    # equal to their fused bytes except where a model's own output sat on a rounding boundary (tests above)
+    # BBoxMethod seeds BBOX_SEED at its first image; equal to their fused bytes except where a model's own output
+    # sat on a rounding boundary (the two tests above: one value each)
     assert got.shape == theirs.shape
     diff = np.abs(got.astype(int) - theirs.astype(int))
     assert diff.max() <= 1 and np.count_nonzero(diff) <= 2

@@ -107,10 +107,20 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
-    if args.checkpoint and args.bundle:
+    from smt.infer.bbox_protocol import BBoxMethod, check_protocol
+
+    checkpoints = args.checkpoint or []
+    protocol = None if args.protocol is None else check_protocol(args.protocol, "--protocol")
+    if checkpoints and args.bundle:
         raise ValueError("--checkpoint and --bundle: give one of them (or neither, for the pipeline's method)")
     if args.model is not None:
         _check_names("--model", "preset", [args.model], _presets())
+    if len(checkpoints) > 2 or (len(checkpoints) == 2 and protocol != "bbox"):
+        raise ValueError("--checkpoint: one model, or two fused by the authors' protocol (--protocol bbox); "
+                         f"got {len(checkpoints)}")
+    if protocol == "bbox" and (args.tile is not None or args.self_ensemble or args.bf16):
+        raise ValueError("--protocol bbox: their protocol fixes its ensemble, tiling and precision (fp32); "
+                         "drop --tile, --self-ensemble and --bf16")
     inputs = [*args.inputs, *(args.input or [])]
     if not inputs:
         raise ValueError("-i/--input: no input images or folders given")
@@ -119,12 +129,18 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     if scan.skipped:
         print(f"upscale: {scan.describe_skipped()}", file=sys.stderr)
     _keep_freed_memory_on_cpu(args.device)
-    if args.checkpoint:
+    if checkpoints and protocol == "bbox":  # the authors' released pair: HAT and MambaIRv2, fused
+        from pathlib import Path
+
+        runner = BBoxMethod({Path(c).stem: load_model(c, args.model if len(checkpoints) == 1 else None,
+                                                      args.device) for c in checkpoints})
+        tile = None
+    elif checkpoints:
         from smt.infer.precision import choose_precision
 
         precision, why = choose_precision(args.bf16, args.device)  # fp32 unless --bf16; says why
         print(f"upscale: {why}", file=sys.stderr)
-        runner = up.SingleModel(load_model(args.checkpoint, args.model, args.device, routing="argmax"),
+        runner = up.SingleModel(load_model(checkpoints[0], args.model, args.device, routing="argmax"),
                                 tile=0, overlap=args.tile_overlap, use_self_ensemble=args.self_ensemble,
                                 precision=precision)
         tile = args.tile if args.tile is not None else 0
@@ -135,9 +151,12 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
         runner = (up.method_from_bundle(args.bundle, args.device) if args.bundle
                   else up.method_from_run(args.params, args.results, args.device))
         tile = args.tile  # None: the method's own infer.tile
+        if (protocol or runner.cfg.protocol) == "bbox":  # --protocol, else the run's infer.protocol
+            runner, tile = BBoxMethod(dict(runner.models)), None
     from smt.infer.paths import describe_paths
 
-    print(f"upscale: {describe_paths(runner.nets(), runner.precision if args.checkpoint else runner.cfg.precision)}",
+    own = isinstance(runner, (up.SingleModel, BBoxMethod))
+    print(f"upscale: {describe_paths(runner.nets(), runner.precision if own else runner.cfg.precision)}",
           file=sys.stderr)
     summary = up.upscale_files(scan.files, args.out, runner, tile=tile, suffix=args.suffix, overwrite=args.overwrite)
     for _, why in summary.skipped:
@@ -168,15 +187,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from smt.benchmark import benchmark_sets, bicubic_upscaler, format_table, results_json, run_cli_methods
+    from smt.benchmark import (benchmark_sets, bicubic_upscaler, format_table, parse_protocols, results_json,
+                               run_cli_methods)
 
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     _check_names("--sets", "set", sets, _benchmark_sets())
     if args.model is not None:
         _check_names("--model", "preset", [args.model], _presets())
     _keep_freed_memory_on_cpu(args.device)
+    seconds: dict[str, list[float]] = {}
     methods, published, label = run_cli_methods(args.checkpoint, args.model, args.bundle, args.device,
-                                                 args.self_ensemble, args.tile, args.tile_overlap)
+                                                 args.self_ensemble, args.tile, args.tile_overlap,
+                                                 parse_protocols(args.protocol), seconds)
     scale = methods[label].scale
     run = benchmark_sets({"bicubic": bicubic_upscaler(scale), **methods}, scale, sets, args.root,
                          published=published, downloads=args.downloads, lock=args.lock)
@@ -184,6 +206,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         print(line)
     for s in sets:
         print("\n" + format_table(run, s))
+    if len(seconds) > 1:  # protocols side by side on the same weights (same process)
+        print("\nseconds per image: " + ", ".join(f"{m} {sum(t) / len(t):.3f}" for m, t in seconds.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(results_json(run, label), indent=2) + "\n")
         print(f"\nwrote {args.json}")
@@ -301,8 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--input", nargs="+", action="extend", help="image files or folders")
     p.add_argument("-o", "--output", "--out", dest="out", required=True,
                    help="output folder (<name><suffix>.png; its parent must exist)")
-    p.add_argument("--checkpoint", help="one model: official .pth or .safetensors (architecture from --model, "
-                                        "the file's metadata or its weights)")
+    p.add_argument("--checkpoint", action="append",
+                   help="one model: official .pth or .safetensors (architecture from --model, the file's metadata "
+                        "or its weights); with --protocol bbox, twice for the authors' two models, fused")
     p.add_argument("--bundle", help="a method exported by `python -m smt export bundle`")
     p.add_argument("--params", default="params.yaml", help="the run whose method to use (no checkpoint/bundle)")
     p.add_argument("--results", default="results", help="the run's results folder (its fusion.json)")
@@ -317,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--self-ensemble", action="store_true", help="x8 geometric self-ensemble (--checkpoint)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=_DEVICE_HELP)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--protocol", help="smt (ours) or bbox (the authors' inference protocol, "
+                   "docs/bbox_protocol.md); default: smt, or the run's infer.protocol")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (--checkpoint; fast on GPUs and CPUs "
                                                        "with native bf16)")
     p.set_defaults(func=_cmd_upscale)
@@ -346,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=0, help="LR tile size for bounded memory (0 = whole image)")
     p.add_argument("--tile-overlap", type=int, default=8)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help=_DEVICE_HELP)
+    p.add_argument("--protocol", default="smt", help="smt (ours), bbox (the authors' inference protocol), "
+                   "a comma list or both: side by side on the same weights, with seconds per image")
     p.add_argument("--json", help="write {set: {psnr_y, ssim_y, n}} here (literature convention)")
     p.add_argument("--downloads", default="~/.cache/smt/downloads", help="where downloaded archives are kept")
     p.add_argument("--lock", default="data/sources.lock.json", help="size/SHA-256 pins of downloaded archives")

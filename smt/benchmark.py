@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -231,27 +232,70 @@ def bicubic_upscaler(scale: int) -> Upscaler:
     return lambda lr: bicubic_upscale(lr, scale).astype(np.float64)
 
 
+def parse_protocols(value: str) -> tuple[str, ...]:
+    """``--protocol``: ``smt``, ``bbox``, a comma list of them or ``both`` (= ``smt,bbox``), in that order."""
+    from smt.infer.bbox_protocol import PROTOCOLS, check_protocol
+
+    names = PROTOCOLS if value.strip() == "both" else tuple(v.strip() for v in value.split(",") if v.strip())
+    if not names:
+        raise ValueError(f"--protocol: no protocol given (valid: {', '.join(PROTOCOLS)}, or both)")
+    for n in names:
+        check_protocol(n, "--protocol")
+    return tuple(dict.fromkeys(names))
+
+
+def _timed(fn: Upscaler, seconds: dict[str, list[float]], label: str) -> Upscaler:
+    """``fn`` that also appends each call's wall-clock seconds to ``seconds[label]``."""
+    def run(lr: np.ndarray):
+        t = time.perf_counter()
+        out = fn(lr)
+        seconds.setdefault(label, []).append(time.perf_counter() - t)
+        return out
+
+    run.scale = getattr(fn, "scale", None)  # type: ignore[attr-defined]
+    return run
+
+
 def run_cli_methods(checkpoint: str | None, model: str | None, bundle: str | None, device: str,
-                    use_self_ensemble: bool = False, tile: int = 0, overlap: int = 8
+                    use_self_ensemble: bool = False, tile: int = 0, overlap: int = 8,
+                    protocols: Sequence[str] = ("smt",), seconds: dict[str, list[float]] | None = None
                     ) -> tuple[dict[str, Upscaler], dict[str, str | None], str]:
     """The command line's method: ``({label: upscaler}, {label: preset or None}, label)``, run by
     :mod:`smt.infer.upscale` (one model: :class:`SingleModel`) or :func:`smt.infer.bundle.load_bundle`. A checkpoint
-    that does not fit its architecture raises :class:`smt.models.CheckpointError` naming the file and the keys."""
+    that does not fit its architecture raises :class:`smt.models.CheckpointError` naming the file and the keys.
+    ``protocols``: ours (``smt``) and/or the authors' (``bbox``, :mod:`smt.infer.bbox_protocol`) on the same
+    weights, labelled ``<label>`` and ``<label> [bbox]`` (``label`` is the first); ``seconds`` collects each
+    method's seconds per call."""
     import torch
 
     from smt.data.images import image_to_tensor
+    from smt.infer.bbox_protocol import BBoxMethod
     from smt.infer.upscale import SingleModel
     from smt.models import load_model
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
+    seconds = {} if seconds is None else seconds
+
+    def with_bbox(methods: dict[str, Upscaler], label: str, models: dict, scale: int, preset: str | None):
+        out, pub = {}, {}
+        for p in protocols:
+            name = label if p == "smt" else f"{label} [bbox]"
+            fn = methods[label] if p == "smt" else _from_uint8(BBoxMethod(dict(models)).__call__, scale)
+            out[name], pub[name] = _timed(fn, seconds, name), preset
+        return out, pub, next(iter(out))
+
     if bundle:
         if model or use_self_ensemble or tile:
             raise ValueError("--model, --self-ensemble and --tile apply to --checkpoint; a bundle carries its "
                              "models and inference settings")
         from smt.infer.bundle import load_bundle
 
-        return {"bundle": load_bundle(bundle, device)}, {"bundle": None}, "bundle"
+        run = load_bundle(bundle, device)
+        return with_bbox({"bundle": run}, "bundle", run.method.models, run.scale, None)
+    if "bbox" in protocols and (use_self_ensemble or tile):
+        raise ValueError("--self-ensemble and --tile: the bbox protocol has its own ensemble and tiling; "
+                         "give them with --protocol smt only")
     if tile < 0 or overlap < 0:
         raise ValueError(f"--tile and --tile-overlap must be >= 0, got {tile} and {overlap}")
     if model is not None:
@@ -263,7 +307,7 @@ def run_cli_methods(checkpoint: str | None, model: str | None, bundle: str | Non
     preset = preset_of(checkpoint, model)
     label = (preset or Path(checkpoint).stem) + ("+SE" if use_self_ensemble else "")
     upscaler = _from_uint8(lambda lr: single.run(image_to_tensor(lr, single.device)), single.scale)
-    return {label: upscaler}, {label: preset}, label
+    return with_bbox({label: upscaler}, label, {label: single.net}, single.scale, preset)
 
 
 # ------------------------------------------------------------------------------------------------------ runs

@@ -131,6 +131,12 @@ class InferConfig:
     routing: Literal["gumbel", "argmax"] = "argmax"  # MambaIRv2 prompt routing at inference
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast: fast on GPUs / CPUs with native bf16
     seed: int = 0  # seeds the Gumbel noise when routing is "gumbel"
+    # whose inference protocol makes the method's outputs: "smt" (ours) or "bbox" (the authors' code, exactly:
+    # smt.infer.bbox_protocol, docs/bbox_protocol.md)
+    protocol: Literal["smt", "bbox"] = "smt"
+    # also run the other protocol's fused method on the test split: PSNR-Y side by side in results/protocols.json
+    # (seconds per image in the timings file only); smt.infer.protocols
+    compare_protocols: bool = False
     fusion_grid: int = 101
     nproc: int = 1  # processes per node; > 1 shards the images across processes under torchrun
     nnodes: int = 1
@@ -146,6 +152,9 @@ class InferConfig:
             raise ConfigError(f"infer.multi_window_model: {self.multi_window_model!r} is not in infer.models")
         if self.tile_overlap < 0 or self.tile_batch < 1 or self.fusion_grid < 2:
             raise ConfigError("infer.tile_overlap >= 0, infer.tile_batch >= 1 and infer.fusion_grid >= 2 needed")
+        if (self.protocol == "bbox" or self.compare_protocols) and (self.nproc > 1 or self.nnodes > 1):
+            raise ConfigError("infer.protocol bbox and infer.compare_protocols run in one process (their Gumbel "
+                              "stream runs across the images in order): set infer.nproc and infer.nnodes to 1")
 
 
 BENCHMARK_SETS = ("Set5", "Set14", "B100", "Urban100", "Manga109", "DIV2K_valid")  # names in sources.json

@@ -37,6 +37,7 @@ from smt.infer.fusion import ShardedFit, fuse
 from smt.infer.malloc import keep_freed_memory
 from smt.infer.paths import describe_paths
 from smt.infer.precision import with_precision
+from smt.infer.protocols import bbox_pass
 from smt.infer.tiling import tiled_forward
 from smt.models import load_model
 from smt.train.engine import exported_weights
@@ -241,6 +242,10 @@ def run_inference(infer_cfg: InferConfig, train_cfg: TrainConfig, data_cfg: Data
     if rank == 0:
         timings = _merge_timings([json.loads(f.read_text()) for f in sorted(scratch.glob("timings.rank*.json"))])
         _finish_timings(infer_cfg, timings)
+        if world == 1:  # the authors' protocol beside ours (their Gumbel stream runs across images: one process)
+            bbox = bbox_pass(nets, infer_cfg, data_cfg, splits, results_dir, log)
+            if bbox is not None:
+                timings["fused [bbox]"] = bbox
         fusion_path = results_dir / "fusion.json"
         fusion_path.unlink(missing_ok=True)
         if fusion is not None:

@@ -41,6 +41,7 @@ from smt.config import InferConfig, parse_section
 from smt.data.images import (ImageError, float255_to_uint8, image_to_tensor, pillow_suffixes, read_as_given,
                              tensor_to_float255, uint8_to_unit, write_as_given)
 from smt.data.imresize import imresize, to_uint8
+from smt.infer.bbox_protocol import BBoxMethod
 from smt.infer.ensemble import self_ensemble, window_tilings
 from smt.infer.fusion import fused_float255
 from smt.infer.precision import Precision, with_precision
@@ -367,7 +368,8 @@ class UpscaleSummary:
     skipped: list[tuple[Path, str]]
 
 
-def upscale_files(files: Sequence[Path], out_dir: str | Path, runner: "SingleModel | Method | torch.nn.Module",
+def upscale_files(files: Sequence[Path], out_dir: str | Path,
+                  runner: "SingleModel | Method | BBoxMethod | torch.nn.Module",
                   tile: int | str | None = None, suffix: str | None = None, overwrite: bool = False,
                   progress: bool = True, log: Callable[[str], None] = lambda m: tqdm.write(m)) -> UpscaleSummary:
     """Upscale ``files`` into ``out_dir`` with ``runner``; ``tile`` (``None``: the runner's own, ``'auto'`` or an
@@ -378,8 +380,9 @@ def upscale_files(files: Sequence[Path], out_dir: str | Path, runner: "SingleMod
         runner = SingleModel(runner)
     written, skipped = [], []
     scale, device = runner.scale, runner.device
-    overlap = runner.overlap if isinstance(runner, SingleModel) else runner.cfg.tile_overlap
-    batch = runner.batch if isinstance(runner, SingleModel) else runner.cfg.tile_batch
+    own = isinstance(runner, (SingleModel, BBoxMethod))  # settings of their own, not an infer section's
+    overlap = runner.overlap if own else runner.cfg.tile_overlap
+    batch = runner.batch if own else runner.cfg.tile_batch
     for f in tqdm(files, desc="upscale", unit="img", disable=not progress or len(files) < 2):
         target = out_dir / output_name(f, scale, suffix)
         if target.exists() and not overwrite:
@@ -403,7 +406,7 @@ def upscale_files(files: Sequence[Path], out_dir: str | Path, runner: "SingleMod
                           disable=not progress or total < 2) as bar, tile_progress(bar.update):
                     return j.run_float255(x, image_id(f, scale))
 
-            start = job.tile if isinstance(job, SingleModel) else job.cfg.tile
+            start = job.tile if own else job.cfg.tile
             sr = run_with_oom_retry(run, start, h, w, overlap, min_tile=runner.window, log=log)
             write_as_given(target, sr, given, None if given.alpha is None else upscale_alpha(given.alpha, scale))
             written.append(target)

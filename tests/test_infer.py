@@ -225,7 +225,7 @@ def test_upscale_cli(trained_setup, tmp_path, capsys):
     rc = main(["upscale", str(src), "--out", str(tmp_path / "out"), "--checkpoint", str(ckpt), "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 1 and "broken.png: not a readable image" in err
-    assert np.array(Image.open(tmp_path / "out" / "grayx4.png")).shape == (36, 44, 3)
+    assert np.array(Image.open(tmp_path / "out" / "grayx4.png")).shape == (36, 44)  # grey stays grey (issue 34)
     # a second run refuses to overwrite
     rc = main(["upscale", str(src / "gray.png"), "--out", str(tmp_path / "out"), "--checkpoint", str(ckpt)])
     assert rc == 1 and "exists (use --overwrite)" in capsys.readouterr().err

@@ -8,9 +8,10 @@ what it has them: the backward of MambaIRv2's token gathers, ``gather``/``scatte
 cuDNN in deterministic mode without autotuning, and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (cuBLAS's fixed
 workspaces; it must be set before the process's first cuBLAS call, so set it in the environment to be sure).
 
-What it cannot cover: kernels PyTorch does not know. The selective scan's backward on CUDA (mamba_ssm's extension
-and our Triton kernel alike) accumulates dA/dB/dC/dD with float atomics, so MambaIRv2's gradients can differ in
-the last bits from run to run even in this mode; HAT-L's training has no such kernel. The cost is measured by
+What it cannot cover: kernels PyTorch does not know. mamba_ssm's CUDA scan backward (and our serial Triton kernel,
+``kernel='serial'``, no longer the default) accumulates dA/dB/dC/dD with float atomics, so with mamba_ssm
+MambaIRv2's gradients can differ in the last bits from run to run even in this mode; our default chunked Triton
+backward reduces its partial sums in a fixed order (docs/gpu_scan.md). HAT-L's training has no such kernel. The cost is measured by
 ``python -m smt smoke`` on a GPU (one training step with and without the mode, same process); see
 docs/cluster.md.
 """
@@ -44,7 +45,7 @@ def set_deterministic(device: torch.device, enabled: bool = True) -> str:
     from smt.kernels.selective_scan import cuda_scan_backend
 
     scan, _ = cuda_scan_backend()
-    caveat = "" if scan == "reference" else (f"; not covered: the selective scan's backward ({scan}) accumulates "
-                                             f"with float atomics, so MambaIRv2's gradients may still differ "
-                                             f"in the last bits")
+    caveat = "" if scan in ("reference", "triton") else (
+        f"; not covered: the selective scan's backward ({scan}) accumulates with float atomics, so MambaIRv2's "
+        f"gradients may still differ in the last bits")
     return f"deterministic mode: on (PyTorch's deterministic kernels, cuDNN deterministic){caveat}"

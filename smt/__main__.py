@@ -1,15 +1,16 @@
-"""Command line: ``python -m smt stage NAME`` (a DVC stage), ``train`` (one training stage; what ``torchrun``
-launches), ``infer`` (the inference stage; shards images under ``torchrun``), ``evaluate SR_DIR HR_DIR`` (score
-a folder the challenge's way), ``upscale`` (your images; the pipeline's method by default), ``export``
-(weights for other tools, or the method as a bundle), ``benchmark`` (a checkpoint on the SR test sets),
-``pipeline`` (write dvc.yaml), ``profile NAME`` (switch demo <-> ntire2025), ``check`` (dry run: what data,
-weights and GPUs are missing), ``smoke`` (first run on a GPU machine), ``rehearse [PROFILE]`` (dress
+"""Command line (``smt`` or ``python -m smt``): ``stage NAME`` (a DVC stage), ``train`` (one training stage;
+what ``torchrun`` launches), ``infer`` (the inference stage; shards images under ``torchrun``), ``evaluate SR_DIR
+HR_DIR`` (score a folder the challenge's way), ``upscale`` (your images; the pipeline's method by default),
+``export`` (weights for other tools, or the method as a bundle), ``benchmark`` (a checkpoint on the SR test
+sets), ``pipeline`` (write dvc.yaml), ``profile NAME`` (switch demo <-> ntire2025), ``check`` (dry run: what
+data, weights and GPUs are missing), ``smoke`` (first run on a GPU machine), ``rehearse [PROFILE]`` (dress
 rehearsal: one round of a profile's real stages, reduced counts, in a scratch folder)."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
@@ -33,6 +34,27 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_names(flag: str, what: str, given: list[str], valid) -> None:
+    """Refuse ``what`` names not in ``valid`` before any work, saying what was given and what is valid."""
+    unknown = [n for n in given if n not in valid]
+    if unknown:
+        raise ValueError(f"{flag}: unknown {what} {', '.join(map(repr, unknown))} (valid: {', '.join(valid)})")
+    if not given:
+        raise ValueError(f"{flag}: no {what} given (valid: {', '.join(valid)})")
+
+
+def _presets() -> list[str]:
+    from smt.models.presets import PRESETS
+
+    return list(PRESETS)
+
+
+def _benchmark_sets() -> list[str]:
+    from smt.config import BENCHMARK_SETS
+
+    return list(BENCHMARK_SETS)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from smt.config import load_section
     from smt.train.engine import PREEMPTED_EXIT_CODE, Preempted, train_stage
@@ -40,7 +62,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     data_cfg, cfg = load_section("data", args.params), load_section("train", args.params)
     try:
         result = train_stage(cfg, args.model, args.round, args.stage, data_cfg.root, data_cfg.scale,
-                             max_steps=args.max_steps)
+                             max_steps=args.max_steps, store=data_cfg.store)
     except Preempted as exc:  # a scheduler's signal: the state is saved at the current step; rerun to resume
         print(f"preempted: {exc}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
@@ -97,11 +119,15 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     if protocol == "bbox" and (args.tile is not None or args.self_ensemble or args.bf16):
         raise ValueError("--protocol bbox: their protocol fixes its ensemble, tiling and precision (fp32); "
                          "drop --tile, --self-ensemble and --bf16")
+    if args.model is not None:
+        _check_names("--model", "preset", [args.model], _presets())
     inputs = [*args.inputs, *(args.input or [])]
     if not inputs:
         raise ValueError("-i/--input: no input images or folders given")
     up.check_settings(args.tile if args.tile is not None else 0, args.tile_overlap, args.out)
-    files = up.collect_inputs(inputs)
+    scan = up.scan_inputs(inputs)
+    if scan.skipped:
+        print(f"upscale: {scan.describe_skipped()}", file=sys.stderr)
     _keep_freed_memory_on_cpu(args.device)
     if checkpoints and protocol == "bbox":  # the authors' released pair: HAT and MambaIRv2, fused
         from pathlib import Path
@@ -132,17 +158,17 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     own = isinstance(runner, (up.SingleModel, BBoxMethod))
     print(f"upscale: {describe_paths(runner.nets(), runner.precision if own else runner.cfg.precision)}",
           file=sys.stderr)
-    summary = up.upscale_files(files, args.out, runner, tile=tile, suffix=args.suffix, overwrite=args.overwrite)
+    summary = up.upscale_files(scan.files, args.out, runner, tile=tile, suffix=args.suffix, overwrite=args.overwrite)
     for _, why in summary.skipped:
         print(f"failed: {why}", file=sys.stderr)
     print(f"wrote {len(summary.written)} image(s) to {args.out}"
-          + (f"; {len(summary.skipped)} failed" if summary.skipped else ""))
+          + (f"; {len(summary.skipped)} failed" if summary.skipped else "")
+          + (f"; {len(scan.skipped)} folder entr{'y' if len(scan.skipped) == 1 else 'ies'} skipped (not images "
+             "Pillow reads)" if scan.skipped else ""))
     return 1 if summary.skipped else 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from smt.config import load_section
     from smt.export import export_bundle, export_checkpoint, export_model
 
@@ -165,6 +191,9 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
                                run_cli_methods)
 
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    _check_names("--sets", "set", sets, _benchmark_sets())
+    if args.model is not None:
+        _check_names("--model", "preset", [args.model], _presets())
     _keep_freed_memory_on_cpu(args.device)
     seconds: dict[str, list[float]] = {}
     methods, published, label = run_cli_methods(args.checkpoint, args.model, args.bundle, args.device,
@@ -180,8 +209,6 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     if len(seconds) > 1:  # protocols side by side on the same weights (same process)
         print("\nseconds per image: " + ", ".join(f"{m} {sum(t) / len(t):.3f}" for m, t in seconds.items()))
     if args.json:
-        from pathlib import Path
-
         Path(args.json).write_text(json.dumps(results_json(run, label), indent=2) + "\n")
         print(f"\nwrote {args.json}")
     return 0
@@ -243,8 +270,6 @@ def _cmd_rehearse(args: argparse.Namespace) -> int:
                       keep=True if args.keep else None)
     print(format_rehearsal(result))
     if args.json:
-        from pathlib import Path
-
         Path(args.json).write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return 0
 
@@ -268,7 +293,9 @@ def _resolve_device(args: argparse.Namespace) -> argparse.Namespace:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser (imports nothing heavy)."""
-    parser = argparse.ArgumentParser(prog="python -m smt", description=__doc__)
+    # `smt` (the console script pyproject.toml installs) or `python -m smt` (argv[0] is then this file's path)
+    prog = "smt" if Path(sys.argv[0]).name == "smt" else "python -m smt"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("stage", help="run one pipeline stage's notebook (what dvc repro calls)")
     p.add_argument("name")
@@ -393,7 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # a KeyError's str() is the repr of its message ("'nope'" or a quoted sentence): print the message itself
+        message = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 else exc
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

@@ -47,6 +47,7 @@ class DataConfig:
     lock: str = "data/sources.lock.json"  # SHA-256 pinned at first download; commit it
     subimage_size: int = 0  # HR training images cut once into tiles of this side (0 = keep whole)
     subimage_step: int = 0
+    store: str = ""  # the prepare stage's uncompressed copy of the training images, read by memory map ("" = none)
 
     def __post_init__(self) -> None:
         if self.scale not in (2, 3, 4):
@@ -243,7 +244,7 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     nproc: int = 1  # processes per node; > 1 launches the stage under torchrun
-    nnodes: int = 1  # machines; > 1 needs MASTER_ADDR/MASTER_PORT/NODE_RANK set on each (README runbook)
+    nnodes: int = 1  # machines; > 1: launched from the one `dvc repro` with srun (docs/cluster.md)
     num_workers: int = 0
     threads: int = 0  # torch intra-op threads per process (0 = torch's default)
     betas: tuple[float, float] = (0.9, 0.99)
@@ -253,6 +254,8 @@ class TrainConfig:
     bf16: bool = True  # autocast on CUDA only
     aux_scales: tuple[int, ...] = (2, 3)
     aux_weights: tuple[float, ...] = (0.5, 0.5)
+    # HR -> the extra scales' targets: 'bicubic' (the authors' F.interpolate, no antialiasing) or 'matlab'
+    aux_target_resize: str = "bicubic"
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     log_every: int = 10
     val_every: int = 100
@@ -268,6 +271,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if len(self.aux_scales) != len(self.aux_weights):
             raise ConfigError(f"train.aux_weights: needs one weight per aux scale {list(self.aux_scales)}")
+        if self.aux_target_resize not in ("bicubic", "matlab"):
+            raise ConfigError(f"train.aux_target_resize: got {self.aux_target_resize!r}; valid: bicubic (the "
+                              "authors'), matlab")
         if not self.models:
             raise ConfigError("train.models: at least one model is needed")
         for name in self.stage_order:
@@ -319,6 +325,16 @@ class TrainConfig:
                               f"of stage {stage} (global batch {self.stages[stage].batch_size} over {world} "
                               f"processes)")
         return per_process // micro_batch
+
+    def check_run(self, model_name: str, round_: int, stage: str) -> None:
+        """Refuse a (model, round, stage) the config does not define, naming the value and the valid ones."""
+        if model_name not in self.models:
+            raise ConfigError(f"train: unknown model {model_name!r} (train.models: {', '.join(self.models)})")
+        if stage not in self.stage_order:
+            raise ConfigError(f"train: unknown stage {stage!r} (train.stage_order: {', '.join(self.stage_order)})")
+        if not 1 <= round_ <= self.rounds:
+            rounds = ", ".join(map(str, range(1, self.rounds + 1)))
+            raise ConfigError(f"train: no round {round_} (train.rounds is {self.rounds}: rounds {rounds})")
 
     def schedule(self) -> list[tuple[int, str]]:
         """(round, stage) in training order."""

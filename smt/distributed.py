@@ -1,11 +1,19 @@
 """torch.distributed plumbing shared by training and inference: who am I under ``torchrun``, the process group,
-and relaunching one of our CLI commands under ``torchrun`` when params ask for more than one process."""
+rank 0's decisions shared with every rank, and launching one of our CLI commands under ``torchrun`` when params
+ask for more than one process: on one node, or across nodes from the one process DVC runs (``srun torchrun``
+inside a SLURM allocation; ``SMT_LAUNCHER=local`` starts the "nodes" on this machine, for tests). See
+docs/cluster.md."""
 from __future__ import annotations
 
 import inspect
+import math
 import os
+import shlex
+import signal
+import socket
 import subprocess
 import sys
+import time
 from datetime import timedelta
 
 import numpy as np
@@ -13,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["dist_info", "init_process_group", "barrier", "torchrun", "device_for", "select_device", "local_rank",
-           "process_group_timeout", "any_rank", "all_reduce_sum", "gather_objects", "DEFAULT_TIMEOUT_S",
-           "TIMEOUT_ENV"]
+           "process_group_timeout", "any_rank", "all_reduce_sum", "gather_objects", "broadcast_object",
+           "broadcast_tree", "node_commands", "DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "LAUNCHER_ENV"]
 
 # How long a collective may wait for the slowest rank before the job is aborted (NCCL's watchdog; gloo's
 # timeout). torch's default for NCCL is 10 minutes. Our collectives never wait on work done by one rank alone
@@ -124,23 +132,179 @@ def gather_objects(obj) -> list:
     return out
 
 
+def broadcast_object(obj, device: torch.device):
+    """Rank 0's ``obj`` (picklable) on every rank; ``obj`` itself outside a process group."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    return box[0]
+
+
+class _Slot:
+    """Where a tensor sat in a tree sent by :func:`broadcast_tree` (its index among the tensors of its dtype)."""
+
+    def __init__(self, dtype: torch.dtype, index: int, shape: tuple[int, ...]) -> None:
+        self.dtype, self.index, self.shape = dtype, index, shape
+
+
+def _strip(tree, tensors: dict):
+    if isinstance(tree, torch.Tensor):
+        group = tensors.setdefault(tree.dtype, [])
+        group.append(tree)
+        return _Slot(tree.dtype, len(group) - 1, tuple(tree.shape))
+    if isinstance(tree, dict):
+        return {k: _strip(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_strip(v, tensors) for v in tree)
+    return tree
+
+
+def _fill(tree, tensors: dict):
+    if isinstance(tree, _Slot):
+        return tensors[tree.dtype][tree.index]
+    if isinstance(tree, dict):
+        return {k: _fill(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_fill(v, tensors) for v in tree)
+    return tree
+
+
+def broadcast_tree(tree, device: torch.device):
+    """Rank 0's ``tree`` (nested dicts, lists and tuples of tensors and picklable values: a ``state.pt``) on every
+    rank, tensors on the CPU. The structure travels pickled, the tensors as one flat buffer per dtype through
+    ``device`` (this rank's GPU under NCCL): a few collectives, whatever the number of tensors. ``tree`` itself
+    outside a process group; other ranks' ``tree`` arguments are ignored."""
+    if not dist.is_initialized():
+        return tree
+    tensors: dict = {}
+    skeleton = broadcast_object(_strip(tree, tensors) if dist.get_rank() == 0 else None, device)
+    shapes: dict = {}
+
+    def collect(node):
+        if isinstance(node, _Slot):
+            shapes.setdefault(node.dtype, {})[node.index] = node.shape
+        elif isinstance(node, dict):
+            for v in node.values():
+                collect(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                collect(v)
+
+    collect(skeleton)
+    received = {}
+    for dtype in sorted(shapes, key=str):  # the same order on every rank
+        sizes = [math.prod(shapes[dtype][i]) for i in range(len(shapes[dtype]))]
+        if dist.get_rank() == 0:
+            flat = torch.cat([t.detach().reshape(-1).to(device) for t in tensors[dtype]])
+        else:
+            flat = torch.empty(sum(sizes), dtype=dtype, device=device)
+        dist.broadcast(flat, src=0)
+        parts = flat.cpu().split(sizes)
+        received[dtype] = [p.view(shapes[dtype][i]).clone() for i, p in enumerate(parts)]
+    return _fill(skeleton, received)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
-def torchrun(nproc: int, smt_args: list[str], nnodes: int = 1) -> None:
-    """Run ``python -m smt <smt_args>`` under torchrun with ``nproc`` processes per node and wait for it.
+# ----------------------------------------------------------------------------------------------- launching
 
-    Single node: a standalone rendezvous. Several nodes: the usual torchrun variables (``MASTER_ADDR``,
-    ``MASTER_PORT``, ``NODE_RANK``) must be set on every node, as the README's runbook says."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-    if nnodes > 1 or "MASTER_ADDR" in os.environ:
-        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
-        if missing:
-            raise RuntimeError(f"multi-node launch needs {', '.join(missing)} in the environment")
-        cmd += [f"--nnodes={nnodes}", f"--node_rank={os.environ.get('NODE_RANK', '0')}",
-                f"--master_addr={os.environ['MASTER_ADDR']}", f"--master_port={os.environ['MASTER_PORT']}"]
-    else:
-        cmd.append("--standalone")
-    subprocess.run([*cmd, "-m", "smt", *smt_args], check=True)
+# How a job of several nodes is started from the one process DVC runs: "srun" (inside a SLURM allocation; the
+# default there), or "local" (every node's torchrun on this machine: a stand-in for tests and rehearsals).
+LAUNCHER_ENV = "SMT_LAUNCHER"
+_LAUNCHERS = ("srun", "local")
+
+
+def _launcher() -> str:
+    name = os.environ.get(LAUNCHER_ENV, "")
+    if not name:
+        if "SLURM_JOB_ID" in os.environ:
+            return "srun"
+        raise RuntimeError(f"a job of several nodes (train.nnodes / infer.nnodes > 1) is launched from the one "
+                           f"process DVC runs: inside a SLURM allocation (srun starts torchrun on every node), "
+                           f"or with {LAUNCHER_ENV}=local (all nodes on this machine, for tests); see "
+                           f"docs/cluster.md")
+    if name not in _LAUNCHERS:
+        raise RuntimeError(f"{LAUNCHER_ENV}={name!r}: valid launchers are {', '.join(_LAUNCHERS)}")
+    return name
+
+
+def node_commands(nproc: int, nnodes: int, smt_args: list[str], launcher: str, endpoint: str,
+                  run_id: str) -> list[list[str]]:
+    """The commands that start ``python -m smt <smt_args>`` as ``nnodes`` x ``nproc`` processes (pure, so
+    testable). ``srun``: one command, srun starts one torchrun per node of the allocation, joined by torchrun's
+    c10d rendezvous at ``endpoint`` (host:port of this, the batch, host). ``local``: one torchrun per node on this
+    machine, each with its ``--node_rank`` and the static rendezvous at ``endpoint``."""
+    run = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}"]
+    tail = ["-m", "smt", *smt_args]
+    if launcher == "srun":
+        return [["srun", f"--nodes={nnodes}", f"--ntasks={nnodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+                 *run, "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", f"--rdzv_id={run_id}", *tail]]
+    if launcher == "local":
+        addr, port = endpoint.rsplit(":", 1)
+        return [[*run, f"--node_rank={i}", f"--master_addr={addr}", f"--master_port={port}", *tail]
+                for i in range(nnodes)]
+    raise ValueError(f"unknown launcher {launcher!r} (valid: {', '.join(_LAUNCHERS)})")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _run_all(commands: list[list[str]]) -> None:
+    """Start every command, forward stop signals to them, wait; the first failure stops the others and raises
+    ``CalledProcessError`` with its exit code (75: preempted, see :mod:`smt.train.engine`)."""
+    procs = [subprocess.Popen(c) for c in commands]
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    stop_signals = [getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, n)]
+    previous = {}
+    try:
+        for sig in stop_signals:
+            try:
+                previous[sig] = signal.signal(sig, forward)
+            except ValueError:  # not the main thread: signals keep their meaning
+                break
+        failed = None
+        while failed is None and any(p.poll() is None for p in procs):
+            failed = next((p for p in procs if p.poll() not in (None, 0)), None)
+            time.sleep(0.2)
+        failed = failed or next((p for p in procs if p.returncode != 0), None)
+        if failed is not None:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            for p in procs:
+                p.wait()
+            raise subprocess.CalledProcessError(failed.returncode, shlex.join(failed.args))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def torchrun(nproc: int, smt_args: list[str], nnodes: int = 1) -> None:
+    """Run ``python -m smt <smt_args>`` under torchrun with ``nproc`` processes on each of ``nnodes`` nodes and
+    wait for it. One node: a standalone rendezvous. Several: started from this one process (the one DVC runs) on
+    every node (:func:`node_commands`; the launcher from ``SMT_LAUNCHER``, else srun inside a SLURM allocation);
+    the rendezvous endpoint is ``MASTER_ADDR:MASTER_PORT`` when set, else this host and a free port."""
+    if nnodes == 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
+        subprocess.run([*cmd, "-m", "smt", *smt_args], check=True)
+        return
+    launcher = _launcher()
+    addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if launcher == "local" else socket.gethostname())
+    port = os.environ.get("MASTER_PORT") or str(_free_port())
+    run_id = f"smt-{os.environ.get('SLURM_JOB_ID', os.getpid())}-{port}"
+    _run_all(node_commands(nproc, nnodes, smt_args, launcher, f"{addr}:{port}", run_id))

@@ -156,10 +156,14 @@ def export_checkpoint(path: str | Path, out: str | Path, layout: str = "official
                       expect_arch: str | None = None) -> Path:
     """Convert any checkpoint we can load (official, ours, the authors') to ``out`` in ``layout``;
     ``expect_arch`` (``hat``, ``mambairv2``): the family the file must hold."""
-    if layout not in LAYOUTS:  # before reading a large file
+    if layout not in LAYOUTS:  # names before reading a large file
         raise ValueError(f"--layout {layout!r}: not a layout (valid: {', '.join(LAYOUTS)})")
+    if expect_arch is not None and expect_arch not in ("hat", "mambairv2"):
+        raise ValueError(f"export {expect_arch!r} --checkpoint: not a model family (valid: hat, mambairv2)")
+    if preset_name:
+        preset(preset_name)  # an unknown preset raises, listing the valid ones
     state, arch, kwargs = read_for_export(path, preset_name)
-    if expect_arch is not None and arch != expect_arch:
+    if expect_arch is not None and arch.removesuffix("light") != expect_arch:
         raise CheckpointError(f"{path}: holds a {arch} model, not {expect_arch} (the NAME argument of export)")
     return write_weights(state, arch, kwargs, out, layout)
 

@@ -44,7 +44,8 @@ from smt.config import BenchmarkConfig, TrainConfig, _sections, load_params, loa
 
 __all__ = ["build_stages", "dvc_stage", "write_dvc_yaml", "stage_definitions", "stage_notebooks",
            "train_stage_name", "StageDef", "EXECUTION_ONLY", "section_params", "code_deps", "import_closure",
-           "import_graph", "package_data_files", "ROOT", "RESULTS_DIR", "SELECTION_DIR", "REPORTS_DIR", "TIMINGS_DIR"]
+           "import_graph", "package_data_files", "ROOT", "RESULTS_DIR", "SELECTION_DIR", "REPORTS_DIR", "TIMINGS_DIR",
+           "HEADLINE_DIR", "headline_names"]
 
 ROOT = Path(__file__).resolve().parents[1]  # the folder holding smt/ and notebooks/ (and dvc.yaml)
 
@@ -62,10 +63,11 @@ HEADER = """\
 # (validation runs on a forked, fixed-seed RNG). micro_batch and activation_checkpointing: how a step's global batch
 # is computed (accumulated micro-batches, recomputed activations), not what it computes. tile_batch: how many
 # tiles go through the model at once.
-# data.downloads: where verified archives are cached; select.cache_dir: embeddings cached by image SHA-256, model
-# and weights.
+# data.store: where the prepare stage writes the training images' uncompressed copy (the patches are the same
+# with or without it; the stages that train depend on its index, see _prepare_stage); data.downloads: where
+# verified archives are cached; select.cache_dir: embeddings cached by image SHA-256, model and weights.
 EXECUTION_ONLY: dict[str, frozenset[str]] = {
-    "data": frozenset({"downloads"}),
+    "data": frozenset({"downloads", "store"}),
     "select": frozenset({"cache_dir", "device"}),
     "train": frozenset({"device", "nproc", "nnodes", "num_workers", "threads", "log_every", "val_every",
                         "ckpt_every", "micro_batch", "activation_checkpointing"}),
@@ -79,6 +81,8 @@ RESULTS_DIR = "results"
 SELECTION_DIR = "data/selection"
 REPORTS_DIR = "reports"
 TIMINGS_DIR = "timings"  # wall-clock measurements of each stage: not DVC outputs (see smt/stages.py)
+# the report stage's headline numbers, one small file per row of `dvc metrics show` (docs/reports.md)
+HEADLINE_DIR = f"{REPORTS_DIR}/metrics"
 
 # the ablation stages (not run by `make repro`, which targets `report`; `dvc repro ablation_loss` etc.)
 ABLATION_NOTEBOOKS = {
@@ -92,8 +96,14 @@ ABLATION_NOTEBOOKS = {
 # (`python -m smt stage benchmark`, the section's defaults) like the tools below. Its notebook's parameter
 # defaults are the stage's paths, so both ways write the same files.
 BENCHMARK_NOTEBOOK = "notebooks/95_benchmark.ipynb"
-# notebooks run outside DVC: `python -m smt stage experiments` (it calls dvc itself), `... stage benchmark`
-TOOL_NOTEBOOKS = {"experiments": "notebooks/ablations/experiments.ipynb", "benchmark": BENCHMARK_NOTEBOOK}
+# the training images decoded once into memory-mapped arrays (smt/data/prepare.py): a stage when data.store is set
+# (the ntire2025 profile); the demo's ten images fit the dataset's decode cache, so its profile has none
+PREPARE_NOTEBOOK = "notebooks/05_prepare.ipynb"
+STORE_INDEX = "index.csv"  # written last by the prepare stage (smt.data.prepare.STORE_INDEX; a test ties the two)
+# notebooks run outside DVC: `python -m smt stage experiments` (it calls dvc itself), `... stage benchmark`,
+# `... stage prepare` (e.g. once per node for a node-local store)
+TOOL_NOTEBOOKS = {"experiments": "notebooks/ablations/experiments.ipynb", "benchmark": BENCHMARK_NOTEBOOK,
+                  "prepare": PREPARE_NOTEBOOK}
 BENCHMARK_EXECUTION_ONLY = frozenset({"downloads"})  # the archive cache: the pinned hashes fix the content
 
 # what the command every stage runs (`python -m smt.stages NAME`) imports, as (module, functions of it or None)
@@ -149,6 +159,12 @@ def _timings(name: str) -> str:
     return f"{TIMINGS_DIR}/{name}.json"
 
 
+def headline_names(models) -> list[str]:
+    """The rows of the report stage's headline metrics (``HEADLINE_DIR/NAME.json``): bicubic, each model alone,
+    and the final method (``final``, whatever the pipeline's last method is called)."""
+    return ["bicubic", *models, "final"]
+
+
 def stage_definitions(params_path: str | Path = "params.yaml") -> dict[str, StageDef]:
     """Every stage of the pipeline of ``params_path``, in pipeline order."""
     cfg: TrainConfig = load_section("train", params_path)
@@ -157,6 +173,7 @@ def stage_definitions(params_path: str | Path = "params.yaml") -> dict[str, Stag
     defs: list[StageDef] = [
         StageDef("data", "notebooks/01_data.ipynb", {"report_dir": _report_dir("data")},
                  params=tuple(section_params("data", params_path)), outs=("${data.root}", _report_dir("data"))),
+        *_prepare_stage(params_path),
         StageDef("select", "notebooks/10_select.ipynb",
                  {"selection_dir": SELECTION_DIR, "report_dir": _report_dir("select")}, deps=tuple(data),
                  params=("data.root", *section_params("select", params_path)),
@@ -164,11 +181,14 @@ def stage_definitions(params_path: str | Path = "params.yaml") -> dict[str, Stag
                  outs=(SELECTION_DIR, _report_dir("select"))),
     ]
     train_common = section_params("train", params_path, exclude=("models", "stages"))
+    # the store's index stands for its arrays (it records the PNGs' hashes they were made from): a small dep, so
+    # a training stage neither hashes the store when it starts nor runs before the prepare stage
+    store = ["${data.store}/" + STORE_INDEX] if load_section("data", params_path).store else []
     finals = []
     for model in cfg.models:
         for r, s in cfg.schedule():
             name = train_stage_name(model, r, s)
-            deps = list(data)
+            deps = [*data, *store]
             prev = cfg.previous(r, s)
             if prev is not None:
                 deps.append(f"{cfg.out_root}/{model}/{cfg.run_name(*prev)}/model.safetensors")
@@ -196,7 +216,7 @@ def stage_definitions(params_path: str | Path = "params.yaml") -> dict[str, Stag
                  deps=(*data, RESULTS_DIR),
                  params=("data.source", "data.root", "data.scale", *section_params("report", params_path)),
                  outs=(_report_dir("report"), f"{REPORTS_DIR}/index.html"),
-                 metrics=({f"{REPORTS_DIR}/metrics.json": {"cache": False}},)),
+                 metrics=tuple({f"{HEADLINE_DIR}/{n}.json": {"cache": False}} for n in headline_names(cfg.models))),
     ]
     ablation_common = ("data.root", "data.scale", *section_params("ablations", params_path))
     metrics = {name: f"{REPORTS_DIR}/metrics_{name}.json" for name in ABLATION_NOTEBOOKS}
@@ -211,10 +231,10 @@ def stage_definitions(params_path: str | Path = "params.yaml") -> dict[str, Stag
     prev = cfg.previous(1, ab.subset_stage) if (1, ab.subset_stage) in cfg.schedule() else None
     selection_csv = f"{SELECTION_DIR}/selection.csv"
     defs += [
-        ablation("ablation_loss", {}, tuple(data), (*ablation_common, *train_all),
+        ablation("ablation_loss", {}, (*data, *store), (*ablation_common, *train_all),
                  ({f"{ab.out_root}/loss": {"persist": True}},)),
         ablation("ablation_subset", {"selection_csv": selection_csv},
-                 (*data, selection_csv,
+                 (*data, *store, selection_csv,
                   *([f"{cfg.out_root}/{ab.model}/{cfg.run_name(*prev)}/model.safetensors"] if prev else [])),
                  (*ablation_common, *train_all, "select.pool_split", "select.allow_untrained"),
                  ({f"{ab.out_root}/subset": {"persist": True}},)),
@@ -225,6 +245,18 @@ def stage_definitions(params_path: str | Path = "params.yaml") -> dict[str, Stag
     ]
     defs += _benchmark_stage(params_path, finals, final_models)
     return {d.name: d for d in defs}
+
+
+def _prepare_stage(params_path: str | Path) -> list[StageDef]:
+    """The ``prepare`` stage, only when ``data.store`` is set. Its output is persisted (an interrupted run
+    resumes; smt/stages.py removes it when its inputs change) and not cached: it is derived, as large as the
+    images uncompressed, and remade faster than it would be pushed or pulled."""
+    if not load_section("data", params_path).store:
+        return []
+    name = "prepare"
+    return [StageDef(name, PREPARE_NOTEBOOK, {"report_dir": _report_dir(name), "timings_path": _timings(name)},
+                     deps=("${data.root}",), params=("data.root",),
+                     outs=({"${data.store}": {"persist": True, "cache": False}}, _report_dir(name)))]
 
 
 def _benchmark_stage(params_path: str | Path, finals: list[str], final_models: tuple) -> list[StageDef]:
@@ -450,7 +482,8 @@ def write_dvc_yaml(params_path: str | Path = "params.yaml", out: str | Path = "d
     cfg: TrainConfig = load_section("train", params_path)
     doc = {"stages": build_stages(params_path)}
     runs = [f"{cfg.out_root}/{m}/{cfg.run_name(r, s)}" for m in cfg.models for r, s in cfg.schedule()]
-    doc["metrics"] = [f"{run}/metrics.json" for run in runs]
+    # the training runs' metrics.json are not listed under `metrics`: `dvc metrics show` keeps to the headline
+    # (reports/metrics/, the ablations'); their validation curves are plots
     doc["plots"] = [{f"{run}/val_log.csv": {"x": "step", "y": ["psnr_y", "bicubic_psnr_y"]}} for run in runs]
     out = Path(out)
     out.write_text(HEADER + yaml.dump(doc, Dumper=_NoAliases, sort_keys=False, width=120))

@@ -87,8 +87,9 @@ def check_params(params_path: str | Path, gpus: int | None = None) -> list[Check
         elif cfg.device != "cpu" and gpus:
             items.append(CheckItem("ok", f"GPUs: {section} uses {procs} of {gpus} per node x {cfg.nnodes} node(s)"))
         if cfg.nnodes > 1:
-            items.append(CheckItem("todo", f"{section}.nnodes = {cfg.nnodes}: set MASTER_ADDR, MASTER_PORT, "
-                                           "NODE_RANK on every node (README runbook)"))
+            items.append(CheckItem("todo", f"{section}.nnodes = {cfg.nnodes}: run `dvc repro` once, inside a SLURM "
+                                           "allocation of the nodes (srun starts them), with the checkout on "
+                                           "shared storage (docs/cluster.md)"))
     uses_mamba = any("mamba" in m.preset for m in train.models.values())
     if uses_mamba and (gpus or train.device == "cuda"):
         from smt.kernels.selective_scan import cuda_scan_backend

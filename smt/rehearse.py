@@ -125,8 +125,8 @@ def reduced_params(full: dict, red: Reduction = DEFAULT) -> tuple[dict, list[str
     p = copy.deepcopy(full)
     notes: list[str] = []
     d = p["data"]
-    for key in ("root", "raw", "lock", "downloads"):
-        if key in d:
+    for key in ("root", "raw", "lock", "downloads", "store"):
+        if key in d and (key != "store" or d[key]):  # an empty store means none
             d[key] = _inside(str(d[key]), f"data.{key}")
     if d.get("source", "demo") == "demo":
         d["train_images"] = list(d["train_images"])[:red.train_images]
@@ -515,6 +515,18 @@ def _measure(name: str, scratch: Path, wall: float, rss: float, full: dict, para
         formula = (f"{n:,} images x {spu:.2f} s/image (kernel start included) x ({full_hr[1]}x{full_hr[0]} / "
                    f"{px:,.0f} HR px)" + (f"; {', '.join(unknown)}: count unknown, not included" if unknown else "")
                    + "; downloads not included")
+        return StageRow(name, wall, rss, "image", len(rows), spu, n, ratio, n * spu * ratio, formula)
+    if name == "prepare":  # the training images only
+        rows = list(manifest("train").itertuples())
+        px = _mean([r.hr_height * r.hr_width for r in rows])
+        if demo:
+            n, unknown = len(fd.get("train_images") or []), []
+        else:
+            n, unknown = _source_counts(list(fd.get("train_sources") or []))
+        spu = stage_s / len(rows)
+        ratio = full_hr[0] * full_hr[1] / px
+        formula = (f"{n:,} training images x {spu:.2f} s/image (kernel start included) x ({full_hr[1]}x{full_hr[0]} "
+                   f"/ {px:,.0f} HR px)" + (f"; {', '.join(unknown)}: count unknown, not included" if unknown else ""))
         return StageRow(name, wall, rss, "image", len(rows), spu, n, ratio, n * spu * ratio, formula)
     if name == "select":
         pool = manifest(params["select"].get("pool_split", "train"))

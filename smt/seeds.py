@@ -7,7 +7,7 @@ practice; they are part of the results (changing one changes every trained model
 """
 from __future__ import annotations
 
-__all__ = ["model_init_seed", "sampler_seed", "sampler_step_seed", "image_seed"]
+__all__ = ["model_init_seed", "sampler_seed", "sampler_step_seed", "image_seed", "step_noise_seed"]
 
 
 def model_init_seed(seed: int, round_: int, rank: int) -> int:
@@ -32,3 +32,10 @@ def image_seed(seed: int, image_id: int) -> int:
     """The Gumbel routing of one image at inference (irrelevant with argmax routing): independent of which
     images share a process or a batch."""
     return seed * 100_003 + int(image_id)  # 100_003 (a prime): more images than any split has
+
+
+def step_noise_seed(seed: int, round_: int, stage_index: int, step: int) -> int:
+    """The global CPU generator before each micro-batch of training step ``step`` (0-based) of the stage at
+    ``stage_index`` in the schedule: the call keys of the per-sample noise (DropPath, Gumbel routing;
+    :mod:`smt.models.sample_noise`), the same on every process and for every micro-batch of the step."""
+    return (((seed * 7919 + round_) * 101 + stage_index) * 1_000_003 + step + 1) % (1 << 63)  # primes, as above

@@ -11,7 +11,8 @@ the run: papermill's start/end times and durations, per-cell execution timestamp
 warnings, timings: shown on the console while the stage runs), the random id papermill gives the cell it adds,
 memory addresses in object reprs and pandas Styler's random table ids (renumbered).
 Wall-clock time goes to ``timings/S.json`` (``stage_seconds``, plus what the stage itself measured, e.g. seconds
-per image), which is not a DVC output: timings never change a hash in ``dvc.lock``.
+per image) and, for the report pages to show, ``timings/S.js``; neither is a DVC output: timings never change a
+hash in ``dvc.lock``.
 
 **Persisted outputs resume only an interrupted run of the same inputs.** DVC keeps ``persist: true`` outputs
 (training runs) when it reruns a stage, so that a killed stage resumes. Before running, the runner compares a
@@ -28,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -170,6 +172,10 @@ def _mark_finished(outs: list[Path]) -> None:
         marker.write_text(json.dumps({**json.loads(marker.read_text()), "finished": True}) + "\n")
 
 
+class UnknownStage(ValueError):
+    """A stage name that neither dvc.yaml's definitions nor the tool stages have."""
+
+
 def run_stage(name: str, params_path: str = "params.yaml", root: str | Path = ".",
               reports_dir: str = "reports") -> Path:
     """Execute stage ``name``'s notebook from ``root``; returns the HTML report's path."""
@@ -183,7 +189,7 @@ def run_stage(name: str, params_path: str = "params.yaml", root: str | Path = ".
     definitions = stage_definitions(root / params_path)
     table = {**{n: (d.notebook, dict(d.parameters)) for n, d in definitions.items()}, **tool_table()}
     if name not in table:
-        raise KeyError(f"unknown stage {name!r} (valid stages: {', '.join(table)})")
+        raise UnknownStage(f"unknown stage {name!r} (valid stages: {', '.join(table)})")
     notebook_rel, extra = table[name]
     notebook = root / notebook_rel
     out_dir = root / reports_dir / name
@@ -210,7 +216,11 @@ def run_stage(name: str, params_path: str = "params.yaml", root: str | Path = ".
     export_html(executed, html_path)
     measured = json.loads(timings.read_text()) if timings.is_file() else {}
     timings.parent.mkdir(parents=True, exist_ok=True)
-    timings.write_text(json.dumps({"stage": name, "stage_seconds": round(seconds, 3), **measured}, indent=2) + "\n")
+    record = {"stage": name, "stage_seconds": round(seconds, 3), **measured}
+    timings.write_text(json.dumps(record, indent=2) + "\n")
+    # the same record as a script the report pages load from file:// (a browser will not fetch JSON there)
+    timings.with_suffix(".js").write_text(f"window.SMT_TIMINGS = window.SMT_TIMINGS || {{}};\n"
+                                          f"window.SMT_TIMINGS[{json.dumps(name)}] = {json.dumps(record)};\n")
     return html_path
 
 
@@ -222,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    html = run_stage(args.name, params_path=args.params)
+    try:
+        html = run_stage(args.name, params_path=args.params)
+    except UnknownStage as exc:  # its message names the stage and the valid ones: no traceback needed
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"stage {args.name}: report at {html}")
     return 0
 

@@ -122,3 +122,87 @@ def train_recording_ema(cfg, model: str, root: str, out_file: str, max_steps=Non
     finally:
         engine.validate = real
     torch.save(seen, f"{out_file}.rank{dist_info()[0]}")
+
+
+def train_with_overrides(cfg, model: str, root: str, overrides: dict, per_sample: bool = True,
+                         max_steps=None) -> None:
+    """``train_stage`` with constructor ``overrides`` for the preset (e.g. ``drop_path_rate``); with
+    ``per_sample=False`` the per-sample noise is switched off (every rank draws from its own stream, as before)."""
+    import contextlib
+
+    import smt.train.engine as engine
+
+    real_build, real_per_sample = engine.build_model, engine.sample_noise.per_sample
+    engine.build_model = lambda name, **kw: real_build(name, **{**kw, **overrides})
+    if not per_sample:
+        engine.sample_noise.per_sample = lambda indices: contextlib.nullcontext()
+    try:
+        engine.train_stage(cfg, model, 1, "s1", root, 4, max_steps=max_steps, log=lambda m: None)
+    finally:
+        engine.build_model, engine.sample_noise.per_sample = real_build, real_per_sample
+
+
+def train_hiding_state_on_rank1(runs: list, model: str, root: str, log_file: str) -> None:
+    """For each ``(cfg, max_steps, hide)``: ``train_stage``; where ``hide``, rank 1 cannot see any ``state.pt``
+    (``Path.exists`` says no, ``torch.load`` of it fails), as on a node-local disk. Rank 0's log goes to
+    ``log_file``."""
+    from pathlib import Path as P
+
+    import torch
+
+    import smt.train.engine as engine
+    from smt.distributed import dist_info
+
+    rank = dist_info()[0]
+    messages = []
+    real_exists, real_load = P.exists, torch.load
+    for cfg, max_steps, hide in runs:
+        if hide and rank == 1:
+            P.exists = lambda self: False if self.name == "state.pt" else real_exists(self)
+
+            def load(f, *a, **k):
+                if str(f).endswith("state.pt"):
+                    raise FileNotFoundError(f)
+                return real_load(f, *a, **k)
+            torch.load = load
+        try:
+            engine.train_stage(cfg, model, 1, "s1", root, 4, max_steps=max_steps, log=messages.append)
+        finally:
+            P.exists, torch.load = real_exists, real_load
+    if rank == 0:
+        P(log_file).write_text("\n".join(messages))
+
+
+def train_expecting_error(cfg, model: str, root: str, stage: str, out_file: str, nan_rank: int = -1,
+                          nan_step: int = 0, where: str = "loss") -> None:
+    """``train_stage`` that must raise ``TrainingError``; each rank writes its message to ``out_file``.rank<N>.
+    With ``nan_rank`` >= 0, that rank makes its loss (``where="loss"``) or, with a finite loss, its gradients
+    (``where="grad"``) NaN at step ``nan_step`` (1-based)."""
+    import torch
+
+    import smt.train.engine as engine
+    from smt.distributed import dist_info
+
+    rank = dist_info()[0]
+    real = engine.multiscale_loss
+    calls = {"n": 0}
+
+    def poisoned(outputs, *args, **kwargs):
+        calls["n"] += 1
+        if rank == nan_rank and calls["n"] == nan_step and where == "grad":
+            for out in outputs.values():
+                out.register_hook(lambda g: torch.full_like(g, float("nan")))
+        loss, parts = real(outputs, *args, **kwargs)
+        if rank == nan_rank and calls["n"] == nan_step and where == "loss":
+            loss = loss * float("nan")
+        return loss, parts
+
+    engine.multiscale_loss = poisoned
+    try:
+        engine.train_stage(cfg, model, 1, stage, root, 4, log=lambda m: None)
+    except engine.TrainingError as exc:
+        Path(f"{out_file}.rank{rank}").write_text(str(exc))
+        return
+    finally:
+        engine.multiscale_loss = real
+    raise AssertionError("train_stage did not raise TrainingError")

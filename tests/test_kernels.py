@@ -381,6 +381,49 @@ def test_triton_kernels_compile_for_a_gpu_with_barriers_and_relaxed_atomics(arch
             assert ttgir.count("tt.atomic_rmw fadd, relaxed") == 3, name  # dC, dB per step; dA at the end
 
 
+def test_chunked_triton_kernels_compile_for_sm90_without_spills_or_atomics():
+    """The chunked scan's kernels at the launch constants they run with (one warp per 16 x 32 tile) compile for
+    an H100 with no register spills (ptxas -v; docs/gpu_scan.md explains the choice) and no atomics (the
+    backward's partial sums are reduced in a fixed order: deterministic)."""
+    import inspect
+    import os
+    import subprocess
+    import tempfile
+
+    triton = pytest.importorskip("triton", reason="Triton is not installed")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("under TRITON_INTERPRET=1 the kernels are interpreted, not compiled")
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    from smt.kernels import triton_scan as ts
+
+    tile = {"T": ts._SCAN_CHUNK, "BD": ts._SCAN_BLOCK_D}
+    cases = [(ts._chunk_sums, {**tile, "REVERSE": False}, ts._SCAN_WARPS),
+             (ts._chunk_sums, {**tile, "REVERSE": True}, ts._SCAN_WARPS),
+             (ts._chunk_pass, {"REVERSE": True, "CB": ts._PASS_CB, "BE": ts._PASS_BE}, 4),
+             (ts._chunk_scan_fwd, tile, ts._SCAN_WARPS),
+             (ts._chunk_scan_bwd, {**tile, "ONE_GROUP": True}, ts._SCAN_WARPS)]
+    for kernel, consts, warps in cases:
+        params = inspect.signature(kernel.fn).parameters
+        sig = {p: "constexpr" if p in consts else "*fp32" if p.endswith("_ptr") else "i32" for p in params}
+        try:
+            k = triton.compile(ASTSource(kernel, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": warps})
+        except Exception as exc:  # noqa: BLE001
+            if "ptxas" in str(exc).lower():
+                pytest.skip(f"Triton's CUDA toolchain is unavailable here: {exc}")
+            raise
+        assert "atomic" not in k.asm["ttgir"], kernel.fn.__name__
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(k.asm["ptx"])
+            f.flush()
+            info = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                                  capture_output=True, text=True, check=True).stderr
+        assert "0 bytes spill stores, 0 bytes spill loads" in info, (kernel.fn.__name__, consts, info)
+
+
 def test_kernel_cache_key_covers_every_header_the_sources_include(tmp_path, monkeypatch):
     """Each ``#include "..."`` of the C sources is in HEADERS (shipped as package data), and an edited header
     gives another cached library: a stale binary built from the old constants is never loaded."""

@@ -60,7 +60,7 @@ def workdir(tmp_path_factory):
 
 def test_repro_writes_reports_and_metrics(workdir):
     _run([sys.executable, "-m", "dvc", "repro"], workdir)
-    metrics = json.loads((workdir / "reports" / "metrics.json").read_text())
+    metrics = json.loads((workdir / "reports/report/summary.json").read_text())
     assert metrics["protocol"] == "NTIRE2025" and metrics["num_images"] == {"valid": 2}
     methods = ["hat", "hat+SE", "mambairv2", "mambairv2+SE", "mambairv2+SE+MW", "fused"]
     assert list(metrics["valid"]) == ["bicubic", *methods]  # the report keeps the inference stage's order
@@ -99,11 +99,57 @@ def test_repro_writes_reports_and_metrics(workdir):
         html = (workdir / "reports" / stage / f"{stage}.html").read_text()
         assert "Conclusion." in html and "Traceback" not in html, stage
         assert json.loads((workdir / "reports" / f"metrics_{stage}.json").read_text())
-    loss = json.loads((workdir / "reports/metrics_ablation_loss.json").read_text())
+    loss = json.loads((workdir / "reports/ablation_loss/summary.json").read_text())
     assert set(loss["variants"]) == {"x4_only", "paper", "equal"} and loss["variants"]["paper"]["n"] == 2
     runs = (workdir / "reports/ablation_subset/runs.csv").read_text()
     assert runs.count("clip") == 2 and runs.count("random") == 2
-    assert 'href="ablation_loss/ablation_loss.html"' in index
+    assert "<code>dvc repro ablation_loss</code>" in index  # the index never links a page make repro does not write
+    # the tracked metrics: the headline only, keys shared between files (dvc metrics show stays narrow)
+    final = json.loads((workdir / "reports/metrics/final.json").read_text())
+    assert final == {"valid": {k: metrics["valid"]["fused"][k] for k in ("psnr_y", "ssim_y", "color_shift")},
+                     "fusion_weight": metrics["fusion_weight"]}
+    assert set(json.loads((workdir / "reports/metrics_ablation_loss.json").read_text())) == {
+        "valid", "diff_psnr_y", "stderr"}
+
+
+def test_every_report_page_works_in_a_browser(workdir):
+    """Headless Chromium over the real pages: no console error, every link and image resolves (the ablation
+    pages, which the index names without linking, crawled from their own start)."""
+    from browser import HOW_TO_GET_ONE, Browser, crawl, find_chromium
+
+    if find_chromium() is None:
+        pytest.skip(HOW_TO_GET_ONE)
+    browser = Browser(find_chromium())
+    try:
+        report = crawl(browser, workdir / "reports/index.html", workdir / "reports")
+        for stage in ("ablation_loss", "ablation_subset", "ablation_ensemble", "ablation_fusion"):
+            report.update(crawl(browser, workdir / "reports" / stage / f"{stage}.html", workdir / "reports"))
+    finally:
+        browser.close()
+    assert {page: problems for page, problems in report.items() if problems} == {}
+    assert len(report) >= 18  # index, 11 stage pages, 2 viewers, gallery, 4 ablations
+    assert any("/view/valid/" in page for page in report)
+
+
+def test_metrics_show_fits_a_terminal_and_diff_shows_what_moved(workdir):
+    """`dvc metrics show` fits 200 columns with no strings in it; after a params change `dvc metrics diff` names
+    the headline numbers that moved."""
+    shown = _run([sys.executable, "-m", "dvc", "metrics", "show"], workdir)
+    assert max(len(line) for line in shown.splitlines()) <= 200, shown
+    assert "reports/metrics/final.json" in shown and "NTIRE2025" not in shown and "failed" not in shown
+    _run(["git", "add", "-A"], workdir)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"], workdir)
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["infer"]["window_weights"] = [1.0, 0.25]  # the multi-window average, so the final method, moves
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    try:
+        _run([sys.executable, "-m", "dvc", "repro", "report"], workdir)  # infer and report
+        diff = _run([sys.executable, "-m", "dvc", "metrics", "diff"], workdir)
+        assert max(len(line) for line in diff.splitlines()) <= 200, diff
+        assert "reports/metrics/final.json" in diff and "valid.psnr_y" in diff, diff
+    finally:
+        _run(["git", "checkout", "params.yaml"], workdir)
+        _run([sys.executable, "-m", "dvc", "repro", "report"], workdir)
 
 
 def test_second_repro_does_nothing_and_param_change_reruns_dependents(workdir):

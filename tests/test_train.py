@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from smt.config import TrainConfig, load_section, parse_section
@@ -28,13 +29,20 @@ def test_multiscale_loss_weights_and_targets():
     hr = torch.rand(2, 3, 32, 32)
     targets = {4: hr, 3: imresize_torch(hr, 0.75), 2: imresize_torch(hr, 0.5)}
     exact = {s: t.clone() for s, t in targets.items()}
-    loss, parts = multiscale_loss(exact, hr, 4, {4: 1.0, 3: 0.5, 2: 0.5}, "l1")
+    loss, parts = multiscale_loss(exact, hr, 4, {4: 1.0, 3: 0.5, 2: 0.5}, "l1", "matlab")
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    # the authors' targets (sr_mutliscale_model.py): F.interpolate bicubic to h // 4 * s, no antialiasing
+    theirs = {4: hr, 3: F.interpolate(hr, size=(24, 24), mode="bicubic", align_corners=False),
+              2: F.interpolate(hr, size=(16, 16), mode="bicubic", align_corners=False)}
+    assert multiscale_loss(theirs, hr, 4, {4: 1.0, 3: 0.5, 2: 0.5}, "l1")[0].item() == 0.0
+    assert multiscale_loss(exact, hr, 4, {4: 1.0, 3: 0.5, 2: 0.5}, "l1", "bicubic")[0].item() > 1e-3
+    with pytest.raises(ValueError, match=r"aux_target_resize: 'area' is not a resize \(valid: bicubic, matlab\)"):
+        multiscale_loss(exact, hr, 4, {4: 1.0, 3: 0.5, 2: 0.5}, "l1", "area")
     shifted = {4: hr + 0.1, 3: targets[3] + 0.2, 2: targets[2] + 0.4}
-    loss, parts = multiscale_loss(shifted, hr, 4, {4: 1.0, 3: 0.5, 2: 0.5}, "l1")
+    loss, parts = multiscale_loss(shifted, hr, 4, {4: 1.0, 3: 0.5, 2: 0.5}, "l1", "matlab")
     # (0.1 + 0.5 * 0.2 + 0.5 * 0.4) / 2
     assert loss.item() == pytest.approx(0.2, abs=1e-5)
-    loss, _ = multiscale_loss(shifted, hr, 4, {4: 1.0, 3: 0.5, 2: 0.5}, "mse")
+    loss, _ = multiscale_loss(shifted, hr, 4, {4: 1.0, 3: 0.5, 2: 0.5}, "mse", "matlab")
     assert loss.item() == pytest.approx((0.01 + 0.5 * 0.04 + 0.5 * 0.16) / 2, abs=1e-5)
     with pytest.raises(ValueError, match="unknown loss"):
         multiscale_loss(shifted, hr, 4, {}, "l2")
@@ -157,7 +165,7 @@ def test_non_finite_loss_stops_and_keeps_last_state(tmp_path, demo_root, monkeyp
         return (loss * float("nan"), parts) if calls["n"] == 5 else (loss, parts)
 
     monkeypatch.setattr(engine, "multiscale_loss", flaky)
-    with pytest.raises(TrainingError, match="loss is nan at step 5"):
+    with pytest.raises(TrainingError, match="loss or the gradients were not finite at step 5"):
         train_stage(cfg, "hat", 1, "s1", demo_root, 4, log=lambda m: None)
     state = torch.load(run_dir(cfg, "hat", 1, "s1") / "state.pt", weights_only=True)
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())

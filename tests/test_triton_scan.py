@@ -3,6 +3,7 @@
 test here must also run on CPU under the interpreter, or that test fails)."""
 import importlib
 import inspect
+import math
 import os
 import warnings
 
@@ -37,27 +38,91 @@ def _run(fn_impl, ins, weight):
     return [out, last] + [xs[k].grad for k in ins]
 
 
+def _run_triton(ins, weight, kernel):
+    xs = {k: v.to(DEVICE).clone().requires_grad_(True) for k, v in ins.items()}
+    out, last = ts.selective_scan_triton(**xs, delta_softplus=True, return_last_state=True, kernel=kernel)
+    (out * weight.to(DEVICE)).sum().backward()
+    return [out, last] + [xs[k].grad for k in ins]
+
+
 SS = importlib.import_module("smt.kernels.selective_scan")  # the module (smt.kernels.selective_scan is the function)
 
 
-# L = 1, one chunk exactly (64), a partial last chunk (70, 129); a non power-of-two channel count; groups.
+# The serial kernel (kernel="serial"): L = 1, one chunk exactly (64), a partial last chunk (70, 129); a non
+# power-of-two channel count; groups.
 # Tiles (BLOCK_D x BLOCK_N) of 8, 64, 32 and 256 elements: fewer than a 4-warp block's 128 threads, where the
 # backward's scratch is replicated across threads. dB/dC reduced over the tile before the atomic (one group per
 # program: 1 group, or 2 groups of 32 channels in tiles of 32) and element-wise (tiles straddling groups).
 @pytest.mark.parametrize("batch,dim,nstate,length,bc,one_group", [
     (1, 3, 2, 1, "bnl", True), (2, 6, 3, 64, "bgnl2", False), (1, 5, 4, 70, "dn", False),
     (2, 12, 16, 129, "bnl", True), (1, 64, 2, 67, "bgnl2", True)])
-def test_triton_scan_matches_reference_values_and_grads(batch, dim, nstate, length, bc, one_group):
+def test_serial_triton_scan_matches_reference_values_and_grads(batch, dim, nstate, length, bc, one_group):
     groups = {"bnl": 1, "bgnl2": 2, "dn": dim}[bc]
     block_d, block_n, _ = ts._launch_dims(batch, dim, nstate)
     assert ts._one_group_per_program(dim, groups, block_d) == one_group  # the case covers the path it names
     ins = _inputs(batch, dim, nstate, length, bc)
     w = torch.randn(batch, dim, length, generator=torch.Generator().manual_seed(1))
-    got = _run("triton", ins, w)
+    got = _run_triton(ins, w, "serial")
     ref = _run("reference", {k: v.double() for k, v in ins.items()}, w.double())
     names = ["out", "last"] + [f"grad {k}" for k in ins]
     for name, a, b in zip(names, got, ref):
         torch.testing.assert_close(a.double().cpu(), b.cpu(), rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+# The chunked kernels (the default) at several chunk lengths: one step in one chunk; 2 to 65 chunks with a partial
+# last one; 65 chunks: more than one 64-chunk block of the chunk pass (its carry between blocks, both directions);
+# dB/dC summed over a block (one group; 2 groups of 32 channels) and per channel (blocks straddling 2 groups of 3
+# channels; time-invariant B/C, a group per channel).
+@pytest.mark.parametrize("batch,dim,nstate,length,bc,chunk,nchunk,one_group", [
+    (1, 3, 2, 1, "bnl", 4, 1, True), (2, 6, 3, 37, "bgnl2", 8, 5, False), (1, 5, 4, 70, "dn", 16, 5, False),
+    (1, 6, 3, 129, "bnl", 2, 65, True), (1, 64, 2, 67, "bgnl2", 32, 3, True), (1, 4, 16, 20, "bnl", 8, 3, True)])
+def test_chunked_scan_matches_reference_values_and_grads(monkeypatch, batch, dim, nstate, length, bc, chunk,
+                                                         nchunk, one_group):
+    monkeypatch.setattr(ts, "_SCAN_CHUNK", chunk)
+    groups = {"bnl": 1, "bgnl2": 2, "dn": dim}[bc]
+    grids = ts.chunked_grids(batch, length, dim, nstate)
+    assert grids["chunk_scan_bwd"][2] == nchunk  # the case has the chunk count it names
+    assert ts._one_group_per_program(dim, groups, ts._chunked_dims(torch.zeros(batch, length, dim),
+                                                                   torch.zeros(1, groups, length, nstate), None)[6]
+                                     ) == one_group
+    ins = _inputs(batch, dim, nstate, length, bc, seed=2)
+    w = torch.randn(batch, dim, length, generator=torch.Generator().manual_seed(3))
+    got = _run_triton(ins, w, "chunked")
+    ref = _run("reference", {k: v.double() for k, v in ins.items()}, w.double())
+    names = ["out", "last"] + [f"grad {k}" for k in ins]
+    for name, a, b in zip(names, got, ref):
+        torch.testing.assert_close(a.double().cpu(), b.cpu(), rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_chunked_and_serial_kernels_agree():
+    """The two Triton implementations, same inputs, float32: values and every gradient within float rounding."""
+    ins = _inputs(1, 40, 4, 70, "bnl", seed=4)  # 2 channel blocks of the chunked kernel, the second partial
+    w = torch.randn(1, 40, 70, generator=torch.Generator().manual_seed(5))
+    chunked, serial = _run_triton(ins, w, "chunked"), _run_triton(ins, w, "serial")
+    for name, a, b in zip(["out", "last"] + [f"grad {k}" for k in ins], chunked, serial):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_chunked_grids_fill_an_h100_at_the_profiles_shapes():
+    """At MambaIRv2-L's scans in the ntire2025 profile (stage 1: 8 images of 64 x 64 per GPU; stage 2: 2 of
+    128 x 128; 348 channels, 16 states) every chunked kernel launches at least 2 programs per SM of an H100
+    (132 SMs), where the serial kernel launched 88 and 22."""
+    from smt.smoke import scan_profile_shapes
+
+    shapes = scan_profile_shapes()
+    assert shapes == {"s1": (8, 4096, 348, 16), "s2": (2, 16384, 348, 16)}
+    for stage, (batch, length, dim, nstate) in shapes.items():
+        for kernel, grid in ts.chunked_grids(batch, length, dim, nstate).items():
+            assert math.prod(grid) >= 2 * 132, (stage, kernel, grid)
+        assert math.prod(ts._launch_dims(batch, dim, nstate)[2:]) * batch < 132  # the serial grid, for contrast
+
+
+def test_chunked_backward_uses_no_atomics():
+    """Static check: the chunked kernels write partial sums that PyTorch reduces in a fixed order, so their
+    gradients are the same from run to run; an atomic add would make dA/dB/dC depend on the order programs run."""
+    for kernel in (ts._chunk_sums, ts._chunk_pass, ts._chunk_scan_fwd, ts._chunk_scan_bwd):
+        assert "atomic" not in inspect.getsource(kernel.fn), kernel.fn.__name__
+    assert ts._KERNELS["chunked"] == (ts._forward_chunked, ts._backward_chunked)
 
 
 @pytest.mark.parametrize("layout", ["grouped", "plain"])
@@ -99,21 +164,27 @@ def test_auto_dispatch_runs_a_gpu_kernel_not_the_reference(monkeypatch):
     assert SS.cuda_scan_backend()[0] == name
 
 
-def test_inference_forward_skips_chunk_states_and_equals_the_training_forward():
-    ins = _inputs(2, 12, 16, 129, "bnl")
+@pytest.mark.parametrize("kernel", ["chunked", "serial"])
+def test_inference_forward_skips_chunk_states_and_equals_the_training_forward(kernel):
+    ins = _inputs(2, 12, 4, 70, "bnl")
     xs = {k: v.to(DEVICE) for k, v in ins.items()}
     with torch.no_grad():
-        fast, fast_last = selective_scan(**xs, delta_softplus=True, return_last_state=True, impl="triton")
+        fast, fast_last = ts.selective_scan_triton(**xs, delta_softplus=True, return_last_state=True, kernel=kernel)
     xs["u"] = xs["u"].clone().requires_grad_(True)
-    full, full_last = selective_scan(**xs, delta_softplus=True, return_last_state=True, impl="triton")
+    full, full_last = ts.selective_scan_triton(**xs, delta_softplus=True, return_last_state=True, kernel=kernel)
     assert full.requires_grad and not fast.requires_grad
     torch.testing.assert_close(fast, full.detach(), rtol=0, atol=0)
     torch.testing.assert_close(fast_last, full_last, rtol=0, atol=0)
     dims = [t.to(DEVICE) for t in (torch.zeros(1, 70, 3), torch.zeros(1, 70, 3), -torch.ones(3, 2),
                                    torch.zeros(1, 1, 70, 2), torch.zeros(1, 1, 70, 2))]
-    assert ts._forward(*dims, store_states=False)[2] == ()  # nothing kept for a backward
-    (hs,) = ts._forward(*dims, store_states=True)[2]
-    assert hs.shape == (1, 2, 3, 2)  # two chunks of 64 steps
+    if kernel == "serial":
+        assert ts._forward(*dims, store_states=False)[2] == ()  # nothing kept for a backward
+        (hs,) = ts._forward(*dims, store_states=True)[2]
+        assert hs.shape == (1, 2, 3, 2)  # two chunks of 64 steps
+    else:
+        assert ts._forward_chunked(*dims, store_states=False)[2] == ()
+        (hs,) = ts._forward_chunked(*dims, store_states=True, chunk=64)[2]
+        assert hs.shape == (1, 3, 3, 2)  # the state entering each of two chunks of 64 steps, and the last
 
 
 @triton.jit
@@ -135,6 +206,10 @@ def test_kernel_offsets_are_int64_beyond_2_pow_31():
     assert "pid_b = tl.program_id(0).to(tl.int64)" in inspect.getsource(ts._program_block.fn)
     for kernel in (ts._scan_fwd, ts._scan_bwd):
         assert "pid_b, pid_d, d, n, md, m2, grp, a = _program_block(" in inspect.getsource(kernel.fn)
+    assert "pid_b = tl.program_id(0).to(tl.int64)" in inspect.getsource(ts._chunk_tile.fn)
+    for kernel in (ts._chunk_sums, ts._chunk_scan_fwd, ts._chunk_scan_bwd):
+        assert "pid_b, t, d, md, m, off, bc = _chunk_tile(" in inspect.getsource(kernel.fn)
+    assert "pid_b = tl.program_id(0).to(tl.int64)" in inspect.getsource(ts._chunk_pass.fn)
 
 
 def test_backward_separates_scratch_writes_and_reads_with_barriers():
@@ -147,3 +222,15 @@ def test_backward_separates_scratch_writes_and_reads_with_barriers():
     barriers = [i for i in range(len(src)) if src.startswith("tl.debug_barrier()", i)]
     assert any(last_write < i < first_read for i in barriers)
     assert any(i > last_read for i in barriers)
+
+
+def test_smoke_times_the_chunked_scan_against_the_serial_one():
+    """``python -m smt smoke``'s scan timing runs both Triton kernels (and mamba_ssm's where it imports) and
+    reports each one's ratio to the chunked kernel (here at a small shape; the smoke uses the profile's)."""
+    from smt import smoke
+
+    rows = smoke._scan_speed_rows(torch.device(DEVICE), shapes={"tiny": (1, 70, 8, 2)}, reps=1)
+    assert len(rows) == 1 and rows[0].ok
+    assert rows[0].check.startswith("scan speed tiny: fwd+bwd batch 1 L=70 D=8 N=2")
+    assert "triton chunked" in rows[0].value and "(1.00x)" in rows[0].value and "triton serial" in rows[0].value
+    assert "per training step" in rows[0].value

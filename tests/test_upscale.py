@@ -12,6 +12,7 @@ from PIL import Image
 
 from smt.__main__ import main
 from smt.config import as_dict
+from smt.data.images import read_as_given
 from smt.infer import upscale as up
 from smt.models import build_model, load_model
 import test_infer
@@ -103,7 +104,7 @@ def test_bundle_runs_the_same_method(run, tmp_path):
     assert main(["upscale", lr, "-o", str(tmp_path / "o3"), "--bundle", str(ckpt)]) == 2
 
 
-def test_export_pth_is_the_official_layout_without_aux_heads(run, tmp_path):
+def test_export_pth_is_the_official_layout_without_extra_upsamplers(run, tmp_path):
     data, params, results, base = run
     out = tmp_path / "hat.pth"
     assert main(["export", "hat", "-o", str(out), "--params", str(params)]) == 0
@@ -275,7 +276,7 @@ def test_per_tile_progress_counts_every_tile_of_the_method(run):
 
     data, params, results, _ = run
     method = up.method_from_run(params, results)
-    rgb, _ = up.read_rgba(_valid_lr(data)[0])
+    rgb = read_as_given(_valid_lr(data)[0]).rgb
     h, w = rgb.shape[:2]
     seen = []
     with tile_progress(seen.append):

@@ -96,6 +96,14 @@ def ablation_experiment_tables(table: pd.DataFrame, reports_dir: str | Path = "r
         df["name"] = df["name"].fillna(df["kind"])
         means = [c for c in df.columns if c.startswith("variants.") and c.endswith(".mean")]
         figure = None
+        if not means and "diff_psnr_y" in df:  # this layout: the treatment's difference, error bar its stderr
+            fig, ax = plt.subplots(figsize=(7, 3.4))
+            ax.errorbar(np.arange(len(df)), df["diff_psnr_y"], yerr=df.get("stderr"), fmt="o", capsize=3)
+            ax.axhline(0, color="gray", lw=0.8)
+            ax.set_xticks(range(len(df)), df["name"].astype(str), rotation=30, fontsize=7)
+            ax.set_ylabel("treatment - reference, PSNR-Y (dB)"), ax.set_title(stage, fontsize=9)
+            fig.tight_layout()
+            figure = save_figure(fig, reports_dir / f"{stage}.png")
         if means:
             fig, ax = plt.subplots(figsize=(7, 3.4))
             for i, c in enumerate(means):

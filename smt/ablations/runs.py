@@ -63,7 +63,7 @@ def _train(run_cfg: TrainConfig, model: str, stage: str, data: DataConfig, log: 
     process when ``train.nproc`` and ``train.nnodes`` are 1, else under torchrun with a params file written beside
     the run (``<out_root>/params.yaml``: this run's ``data`` and ``train`` sections)."""
     if run_cfg.nproc == 1 and run_cfg.nnodes == 1:
-        return _quiet_train(run_cfg, model, 1, stage, data.root, data.scale, log=log)
+        return _quiet_train(run_cfg, model, 1, stage, data.root, data.scale, log=log, store=data.store)
     import yaml
 
     from smt.config import as_dict

@@ -30,14 +30,19 @@ from smt.data.images import float255_to_uint8
 from smt.distributed import all_reduce_sum
 from smt.metrics import _Y_WEIGHTS, NTIRE2025, Protocol, prepare_pair, psnr, rgb_to_y
 
-__all__ = ["FusionFit", "fuse", "fit_fusion_weight", "fit_fusion_weight_reference", "least_squares_weight",
-           "fusion_squared_errors", "fit_from_squared_errors", "fusion_grid", "fusion_image_terms",
-           "fit_from_image_terms", "ShardedFit"]
+__all__ = ["FusionFit", "fuse", "fused_float255", "fit_fusion_weight", "fit_fusion_weight_reference",
+           "least_squares_weight", "fusion_squared_errors", "fit_from_squared_errors", "fusion_grid",
+           "fusion_image_terms", "fit_from_image_terms", "ShardedFit"]
+
+
+def fused_float255(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:
+    """The fusion of float HxWx3 outputs in [0, 255], before rounding: ``w * a + (1 - w) * b``."""
+    return w * a + (1.0 - w) * b
 
 
 def fuse(a: np.ndarray, b: np.ndarray, w: float) -> np.ndarray:
     """Float HxWx3 outputs in [0, 255] -> uint8 by the pipeline's one rule (:func:`float255_to_uint8`)."""
-    return float255_to_uint8(w * a + (1.0 - w) * b)
+    return float255_to_uint8(fused_float255(a, b, w))
 
 
 @dataclass

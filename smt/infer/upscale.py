@@ -14,10 +14,13 @@ SR-tool conventions: outputs are ``<name><suffix>.png`` in the output folder, wh
 name without a trailing scale tag (``0801x4.png`` -> ``0801x4.png``, not ``0801x4x4.png``) and the suffix
 defaults to ``x<scale>``. ``--tile auto`` picks the largest tile the free memory holds (whole images when they
 fit) and, on CUDA out-of-memory, retries with half the tile. A per-tile progress bar with an ETA is shown for
-images of several tiles. Transparency is kept: colour goes through the model, the alpha channel is upscaled with
-the pipeline's bicubic (:func:`smt.data.imresize.imresize`). An existing output is never overwritten unless
-``--overwrite`` is given. A file that fails is reported with a one-line reason and skipped; the exit code says
-whether any failed.
+images of several tiles. The output keeps the input's form (:func:`smt.data.images.read_as_given` has the table):
+grey stays grey, 16-bit grey stays 16-bit (run in float at full precision), transparency is kept (colour goes
+through the model, the alpha channel is upscaled with the pipeline's bicubic, :func:`smt.data.imresize.imresize`);
+the model itself always sees RGB. A folder contributes every file Pillow can open (by suffix: GIF, WebP, TIFF,
+BMP, JPEG, PNG, ...); its other entries are reported as skipped, with a count. An existing output is never
+overwritten unless ``--overwrite`` is given. A file that fails is reported with a one-line reason and skipped;
+the exit code says whether any failed.
 """
 from __future__ import annotations
 
@@ -32,41 +35,65 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from smt.config import InferConfig, parse_section
-from smt.data.images import (IMAGE_SUFFIXES, ImageError, float255_to_uint8, image_to_tensor, open_image, read_image,
-                             tensor_to_image, to_rgb_uint8, uint8_to_unit, write_png)
+from smt.data.images import (ImageError, float255_to_uint8, image_to_tensor, pillow_suffixes, read_as_given,
+                             tensor_to_float255, uint8_to_unit, write_as_given)
 from smt.data.imresize import imresize, to_uint8
 from smt.infer.bbox_protocol import BBoxMethod
 from smt.infer.ensemble import self_ensemble, window_tilings
-from smt.infer.fusion import fuse
+from smt.infer.fusion import fused_float255
 from smt.infer.precision import Precision, with_precision
-from smt.files import atomic_path
 from smt.infer.tiling import count_tiles, tile_progress, tiled_forward
 from smt.models import ARCHITECTURES, CheckpointError, read_metadata
 
-__all__ = ["collect_inputs", "output_name", "image_id", "read_rgba", "Method",
+__all__ = ["scan_inputs", "InputScan", "output_name", "image_id", "Method",
            "SingleModel", "method_from_run", "method_from_bundle", "auto_tile", "run_with_oom_retry",
            "check_settings", "upscale_files", "UpscaleSummary"]
 
 
 # --- inputs and outputs --------------------------------------------------------------------------------------
 
-def collect_inputs(paths: Sequence[str | Path]) -> list[Path]:
-    """Files as given, folders expanded to their images (sorted); a missing path is an error."""
+@dataclass
+class InputScan:
+    """The images to upscale, and the folder entries left out with the reason (reported, never silent)."""
+
+    files: list[Path]
+    skipped: list[tuple[Path, str]]
+
+    def describe_skipped(self, shown: int = 5) -> str:
+        """One line: the count and the first few names with their reason."""
+        names = "; ".join(f"{p.name} ({why})" for p, why in self.skipped[:shown])
+        more = f"; and {len(self.skipped) - shown} more" if len(self.skipped) > shown else ""
+        return f"skipped {len(self.skipped)} folder entr{'y' if len(self.skipped) == 1 else 'ies'}: {names}{more}"
+
+
+def scan_inputs(paths: Sequence[str | Path]) -> InputScan:
+    """Files as given (whatever their suffix: Pillow reads the content), folders expanded to the files whose
+    suffix is a format Pillow opens (sorted, not recursive); other folder entries are listed as skipped. A
+    missing path, or no image at all, is an error."""
+    readable = pillow_suffixes()
     files: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            for f in sorted(p.iterdir()):
+                if f.is_dir():
+                    skipped.append((f, "a folder: folders are not searched"))
+                elif f.suffix.lower() in readable:
+                    files.append(f)
+                else:
+                    skipped.append((f, f"not an image format Pillow reads ({f.suffix or 'no suffix'})"))
         elif p.is_file():
             files.append(p)
         else:
             raise FileNotFoundError(f"{p}: no such file or folder")
     if not files:
-        raise FileNotFoundError(f"no images found in {', '.join(map(str, paths))}")
-    return files
+        scan = InputScan(files, skipped)
+        raise FileNotFoundError(f"no images found in {', '.join(map(str, paths))}"
+                                + (f" ({scan.describe_skipped()})" if skipped else ""))
+    return InputScan(files, skipped)
 
 
 def _base_name(src: Path, scale: int) -> str:
@@ -87,31 +114,9 @@ def image_id(src: Path, scale: int) -> int:
     return int(base) if base.isdigit() else 0
 
 
-def read_rgba(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(uint8 HxWx3 RGB, uint8 HxW alpha or None)``. Images without transparency are read by the pipeline's
-    :func:`smt.data.images.read_image` (alpha None); transparent ones keep their alpha channel."""
-    path = Path(path)
-    with open_image(path) as img:
-        transparent = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
-            img.mode == "P" and "transparency" in img.info)
-        rgba = np.array(img.convert("RGBA")) if transparent else None
-    if rgba is None or rgba[..., 3].min() == 255:
-        return read_image(path), None
-    return to_rgb_uint8(rgba[..., :3], str(path)), np.ascontiguousarray(rgba[..., 3])
-
-
 def upscale_alpha(alpha: np.ndarray, scale: int) -> np.ndarray:
     """uint8 HxW alpha -> uint8 (H*scale)x(W*scale), MATLAB-style bicubic, the pipeline's rounding rule."""
     return to_uint8(imresize(uint8_to_unit(alpha), scale))
-
-
-def write_image(path: Path, rgb: np.ndarray, alpha: np.ndarray | None) -> None:
-    """Write RGB (:func:`write_png`) or, with ``alpha``, an RGBA PNG the same atomic way."""
-    if alpha is None:
-        write_png(path, rgb)
-        return
-    with atomic_path(path) as tmp:
-        Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(tmp, format="PNG")
 
 
 def check_settings(tile: int | str, overlap: int, out_dir: str | Path) -> None:
@@ -169,10 +174,14 @@ class SingleModel:
         per_channel = 3 if _channels(self.net) == 1 else 1
         return per_channel * count_tiles(h, w, self.tile, self.overlap)
 
-    @torch.no_grad()
     def run(self, x: torch.Tensor, image: int = 0) -> np.ndarray:
         """uint8 SR image of ``x``; ``image`` (:func:`image_id`) seeds Gumbel routing, as in the infer stage
         with ``infer.seed`` 0."""
+        return float255_to_uint8(self.run_float255(x, image))
+
+    @torch.no_grad()
+    def run_float255(self, x: torch.Tensor, image: int = 0) -> np.ndarray:
+        """:meth:`run` before rounding: float HxWx3 on the [0, 255] scale (16-bit outputs are written from it)."""
         base = with_precision(self.net, self.precision)
         fwd = (lambda t: self_ensemble(base, t)) if self.use_self_ensemble else base
         torch.manual_seed(image)
@@ -181,7 +190,7 @@ class SingleModel:
                            for c in range(x.shape[1])], 1)
         else:
             y = tiled_forward(fwd, x, self.scale, self.tile, self.overlap, self.batch)
-        return tensor_to_image(y)
+        return tensor_to_float255(y)
 
 
 @dataclass
@@ -226,18 +235,22 @@ class Method:
         """uint8 HxWx3 LR image -> uint8 SR image."""
         return self.run(image_to_tensor(lr, self.device), image)
 
-    @torch.no_grad()
     def run(self, x: torch.Tensor, image: int = 0) -> np.ndarray:
         """uint8 SR image of ``x``; ``image`` (:func:`image_id`, the infer stage's image number) gives the
         stage's per-image seed (:func:`smt.infer.runner.image_seed`)."""
+        return float255_to_uint8(self.run_float255(x, image))
+
+    @torch.no_grad()
+    def run_float255(self, x: torch.Tensor, image: int = 0) -> np.ndarray:
+        """:meth:`run` before rounding: float HxWx3 on the [0, 255] scale (16-bit outputs are written from it)."""
         from smt.infer.runner import best_float255, image_seed, model_outputs
 
         seed = image_seed(self.cfg, image)
         bests = [best_float255(model_outputs(net, x, name, self.cfg, self.scale, seed))
                  for name, net in self.models.items()]
         if len(bests) == 1:
-            return float255_to_uint8(bests[0])
-        return fuse(bests[0], bests[1], self.weight_a)
+            return bests[0]
+        return fused_float255(bests[0], bests[1], self.weight_a)
 
 
 def method_from_run(params_path: str | Path = "params.yaml", results_dir: str | Path = "results",
@@ -376,24 +389,26 @@ def upscale_files(files: Sequence[Path], out_dir: str | Path,
             skipped.append((f, f"{f}: {target} exists (use --overwrite)"))
             continue
         try:
-            rgb, alpha = read_rgba(f)
-            h, w = rgb.shape[:2]
+            given = read_as_given(f)
+            for note in given.notes:
+                log(f"{f}: {note}")
+            h, w = given.rgb.shape[:2]
             chosen = tile
             if tile == "auto":
                 chosen = auto_tile(runner.nets(), h, w, batch, available_bytes(device))
             job = runner if chosen is None else runner.with_tile(int(chosen))
-            x = image_to_tensor(rgb, device)
+            x = given.to_tensor(device)
 
             def run(t: int, job=job) -> np.ndarray:
                 j = job.with_tile(t)
                 total = j.tiles(h, w)
                 with tqdm(total=total, desc=f.name, unit="tile", leave=False,
                           disable=not progress or total < 2) as bar, tile_progress(bar.update):
-                    return j.run(x, image_id(f, scale))
+                    return j.run_float255(x, image_id(f, scale))
 
             start = job.tile if own else job.cfg.tile
             sr = run_with_oom_retry(run, start, h, w, overlap, min_tile=runner.window, log=log)
-            write_image(target, sr, None if alpha is None else upscale_alpha(alpha, scale))
+            write_as_given(target, sr, given, None if given.alpha is None else upscale_alpha(given.alpha, scale))
             written.append(target)
         except (ImageError, ValueError, RuntimeError, OSError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from smt.kernels.attention import bf16_kernel_applies, cpu_bf16_attention_available, fast_paths_enabled
+from smt.models.sample_noise import uniforms as _per_sample_uniforms
 
 __all__ = ["SRHeads", "AUX_PREFIX", "LEGACY_AUX_PREFIX",
            "window_partition", "window_reverse", "relative_position_index",
@@ -452,7 +453,10 @@ class Mlp(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample; identity in eval mode or with ``p = 0``."""
+    """Stochastic depth per sample; identity in eval mode or with ``p = 0``. Inside
+    :func:`smt.models.sample_noise.per_sample` (the training loop) each sample's mask is a function of its global
+    index in the step's batch (the same on any number of processes); elsewhere a Bernoulli draw from the global
+    generator."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
@@ -462,7 +466,12 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        mask = torch.empty((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device).bernoulli_(keep)
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        u = _per_sample_uniforms(x.shape[0])
+        if u is None:
+            mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(keep)
+        else:  # built on the host: a copy of a few bytes, no kernel per sample
+            mask = torch.tensor([1.0 if v < keep else 0.0 for v in u], dtype=x.dtype).view(shape).to(x.device)
         return x * mask / keep
 
 

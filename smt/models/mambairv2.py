@@ -36,6 +36,7 @@ from einops import rearrange
 from smt.kernels.attention import AttentionImpl, window_attention
 from smt.kernels.cpu_generator import neg_uniform53, neg_uniform53_reference
 from smt.kernels.selective_scan import ScanImpl, scan_reads_rows, selective_scan, selective_scan_rows
+from smt.models.sample_noise import exponential as _per_sample_exponential
 from smt.models.common import (FastLinear, RelativeBiasCache, SRHeads, WindowOrder,
                                attend_ordered_windows, attend_windows, depthwise_tokens, head_padded_qkv,
                                inference_fast_path, pad_to_multiple, fast_linear, relative_position_index,
@@ -234,6 +235,25 @@ def _exponential_from_neg_uniform(neg_u: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _gumbel_policy(logits: torch.Tensor) -> torch.Tensor:
+    """``F.gumbel_softmax(logits, hard=True, dim=-1)``; inside :func:`smt.models.sample_noise.per_sample` (the
+    training loop) each sample's noise comes from its own generator, seeded from its global index in the step's
+    batch, so the routes do not depend on which process holds the sample."""
+    noise = _per_sample_exponential(tuple(logits.shape), logits.dtype, logits.device)
+    if noise is None:
+        return F.gumbel_softmax(logits, hard=True, dim=-1)
+    return _gumbel_hard(logits, noise)
+
+
+def _gumbel_hard(logits: torch.Tensor, exponential: torch.Tensor) -> torch.Tensor:
+    """The straight-through hard Gumbel-softmax (tau 1) of ``logits`` with the noise ``-log(exponential)``: the
+    one-hot of the noisy argmax forward, the softmax's gradient backward (``F.gumbel_softmax``'s computation,
+    given its draw)."""
+    soft = (logits + -exponential.log()).softmax(-1)
+    hard = torch.zeros_like(logits).scatter_(-1, soft.max(-1, keepdim=True)[1], 1.0)
+    return hard - soft.detach() + soft
+
+
 def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
 
@@ -262,7 +282,7 @@ class ASSM(nn.Module):
         b, n, _ = x.shape
         prompts = self.embeddingB.weight @ token.weight  # (num_tokens, d_state)
         logits = self.route(x)
-        policy = F.gumbel_softmax(logits, hard=True, dim=-1) if routing == "gumbel" else _one_hot_argmax(logits)
+        policy = _gumbel_policy(logits) if routing == "gumbel" else _one_hot_argmax(logits)
         prompt = (policy @ prompts).view(b, n, self.d_state)
         route = policy.detach().argmax(-1)
         order = torch.sort(route, dim=-1, stable=False).indices

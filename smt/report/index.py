@@ -1,12 +1,21 @@
-"""``reports/index.html``: the page a reviewer opens first (headline table, protocol, links to every report)."""
+"""``reports/index.html``: the page a reviewer opens first.
+
+Top to bottom: the verdict against bicubic, the headline (the final method against bicubic on both splits), the
+per-image gain chart, a thumbnail of the validation and test images (each opens its comparison viewer), the cost
+per method (filled in from the run's ``timings/infer.js`` where it exists: wall-clock stays out of every tracked
+output), every method's mean scores (collapsed), the stage reports and the ablations (with the command that
+produces each; never a link to a page ``make repro`` does not write).
+"""
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Mapping, Sequence
 
-__all__ = ["write_index", "write_metrics", "STAGE_TITLES"]
+from smt.report.assets import COST_JS
+from smt.report.viewer import INDEX_THUMBS, ImageEntry, page_head, thumbs_html
+
+__all__ = ["write_index", "STAGE_TITLES", "ABLATIONS", "summary_table", "stage_title", "headline_table"]
 
 # display order and titles of the stage reports; a report not listed here is appended by name
 STAGE_TITLES = {
@@ -24,79 +33,130 @@ STAGE_TITLES = {
 ABLATIONS = ("ablation_loss", "ablation_subset", "ablation_ensemble", "ablation_fusion")
 
 
-def _title(stage: str) -> str:
+def stage_title(stage: str) -> str:
     if stage.startswith("train_"):
         model, rnd, st = stage[len("train_"):].rsplit("_", 2)
         return f"Training: {model}, round {rnd[1:]}, stage {st}"
     return STAGE_TITLES.get(stage, stage)
 
 
-def _table(summary: Mapping[str, Mapping[str, float]]) -> str:
-    head = ("<tr><th>method</th><th>PSNR-Y (dB)<br>(gain over bicubic)</th><th>SSIM-Y</th><th>PSNR-RGB (dB)</th>"
-            "<th>SSIM-RGB</th><th>colour shift<br>mean / max</th></tr>")
-    opt = lambda v, k, f: format(v[k], f) if k in v else "&ndash;"  # noqa: E731
+def summary_table(summary: Mapping[str, Mapping[str, float]], sortable: bool = False) -> str:
+    """Mean scores, one row per method: dB to 2 decimals (gain over bicubic beside), SSIM to 4, colour shift 2."""
     floor = summary.get("bicubic", {}).get("psnr_y")
-    gain = lambda m, v: f" ({v['psnr_y'] - floor:+.2f})" if floor is not None and m != "bicubic" else ""  # noqa: E731
+    head = ("<thead><tr><th>method</th><th>PSNR-Y (dB)</th><th>gain over bicubic (dB)</th><th>SSIM-Y</th>"
+            "<th>PSNR-RGB (dB)</th><th>SSIM-RGB</th><th>colour shift, mean</th><th>colour shift, worst image</th>"
+            "</tr></thead>")
+    opt = lambda v, k, f: format(v[k], f) if k in v else "&ndash;"  # noqa: E731
+    gain = lambda m, v: (f"{v['psnr_y'] - floor:+.2f}" if floor is not None and m != "bicubic"  # noqa: E731
+                         else "&ndash;")
     body = "".join(
-        f"<tr><td>{html.escape(m)}</td><td>{v['psnr_y']:.3f}{gain(m, v)}</td><td>{v['ssim_y']:.4f}</td>"
-        f"<td>{v['psnr_rgb']:.3f}</td><td>{v['ssim_rgb']:.4f}</td>"
-        f"<td>{opt(v, 'color_shift', '.2f')} / {opt(v, 'color_shift_max', '.2f')}</td></tr>"
+        f"<tr><td>{html.escape(m)}</td><td>{v['psnr_y']:.2f}</td><td>{gain(m, v)}</td><td>{v['ssim_y']:.4f}</td>"
+        f"<td>{v['psnr_rgb']:.2f}</td><td>{v['ssim_rgb']:.4f}</td><td>{opt(v, 'color_shift', '.2f')}</td>"
+        f"<td>{opt(v, 'color_shift_max', '.2f')}</td></tr>"
         for m, v in summary.items()
     )
-    return f"<table>{head}{body}</table>"
+    return f'<table{" class=sortable" if sortable else ""}>{head}<tbody>{body}</tbody></table>'
 
 
-def write_index(reports_dir: str | Path, metrics: Mapping, protocol: str, data_note: str,
-                stages: Sequence[str]) -> Path:
-    """Write ``reports_dir/index.html`` from the metrics dict (``metrics['valid'][method][metric]``).
+def headline_table(metrics: Mapping) -> str:
+    """Final method against bicubic, one row per split."""
+    final = metrics.get("final_method")
+    rows = []
+    for split in ("valid", "test"):
+        summary = metrics.get(split)
+        if not summary or final not in summary or "bicubic" not in summary:
+            continue
+        b, f = summary["bicubic"], summary[final]
+        n = metrics.get("num_images", {}).get(split, "?")
+        rows.append(f"<tr><td>{split} ({n} image{'' if n == 1 else 's'})</td><td>{b['psnr_y']:.2f}</td>"
+                    f"<td><b>{f['psnr_y']:.2f}</b></td>"
+                    f"<td><b>{f['psnr_y'] - b['psnr_y']:+.2f}</b></td><td>{b['ssim_y']:.4f}</td>"
+                    f"<td>{f['ssim_y']:.4f}</td><td>{f['color_shift']:.2f} / {f['color_shift_max']:.2f}</td></tr>")
+    if not rows:
+        return "<p>No split with HR images was scored.</p>"
+    return (f"<table><thead><tr><th>images</th><th>bicubic PSNR-Y (dB)</th><th>{html.escape(final)} PSNR-Y (dB)</th>"
+            f"<th>gain (dB)</th><th>bicubic SSIM-Y</th><th>{html.escape(final)} SSIM-Y</th>"
+            f"<th>{html.escape(final)} colour shift<br>mean / worst</th></tr></thead><tbody>{''.join(rows)}</tbody>"
+            "</table>")
 
-    Links the report of every stage in ``stages`` (the pipeline's, in its order) and of every ablation. The page
-    depends on nothing but its arguments (not on which reports happen to exist yet), so a rerun writes the
-    same bytes; ablation links work once their stages have run (``dvc repro ablation_...``).
+
+def write_index(reports_dir: str | Path, metrics: Mapping, protocol: str, data_note: str, stages: Sequence[str],
+                entries: Sequence[ImageEntry] = (), galleries: Sequence[str] = (), report_rel: str = "report",
+                gains_png: str | None = None, comparisons: Mapping[str, Mapping] | None = None) -> Path:
+    """Write ``reports_dir/index.html`` from the summary dict (``metrics[split][method][metric]``).
+
+    Links the report of every stage in ``stages`` (the pipeline's, in its order) except the ablations, which are
+    listed with the command that writes them. The page depends on nothing but its arguments, so a rerun writes
+    the same bytes. ``entries``: the images (thumbnails open ``report_rel/view/...``); ``galleries``: the pages
+    listing all of them; ``gains_png``: the gain chart, relative to ``reports_dir``; ``comparisons``: name ->
+    a results file's content (a protocol comparison), shown as key/value tables.
     """
+    from smt.report.tables import kv_table
+
     reports_dir = Path(reports_dir)
-    links = "".join(
-        f'<li><a href="{html.escape(s)}/{html.escape(s)}.html">{html.escape(_title(s))}</a></li>'
-        for s in stages if s not in ABLATIONS
-    )
-    ablation_links = "".join(f'<li><a href="{s}/{s}.html">{html.escape(_title(s))}</a> <small>(<code>dvc repro {s}'
-                             f'</code>)</small></li>' for s in ABLATIONS)
+    links = "".join(f'<li><a href="{html.escape(s)}/{html.escape(s)}.html">{html.escape(stage_title(s))}</a></li>'
+                    for s in stages if s not in ABLATIONS)
+    ablations = "".join(f"<li>{html.escape(stage_title(s))}: <code>dvc repro {s}</code> writes "
+                        f"<code>reports/{s}/{s}.html</code></li>" for s in ABLATIONS if s in stages)
     tables = "".join(
-        f"<h2>{html.escape(split)} images ({metrics.get('num_images', {}).get(split, '?')})</h2>{_table(summary)}"
-        for split, summary in metrics.items()
-        if split in ("valid", "test")
-    )
-    verdict = ""  # the generalisation verdict, red where a method falls below bicubic
+        f"<h3>{html.escape(split)} images ({metrics.get('num_images', {}).get(split, '?')})</h3>"
+        f"{summary_table(summary, sortable=True)}"
+        for split, summary in metrics.items() if split in ("valid", "test"))
+    verdict = ""
     if metrics.get("generalisation"):
-        colour = "#c00" if any(metrics.get("below_bicubic", {}).values()) else "#080"
-        verdict = (f'<p style="font-size:1.1em;padding:.5em;border-left:4px solid {colour}"><b>Against bicubic.</b> '
-                   f'{html.escape(metrics["generalisation"])}</p>')
-    page = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>SMT reports</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #bbb;padding:.3em .7em;text-align:right}}td:first-child{{text-align:left}}</style>
-</head><body>
-<h1>SMT: NTIRE 2025 x4 super-resolution, reproduced</h1>
+        bad = " bad" if any(metrics.get("below_bicubic", {}).values()) else ""
+        verdict = f'<p class="verdict{bad}"><b>Against bicubic.</b> {html.escape(metrics["generalisation"])}</p>'
+    final = metrics.get("final_method")
+    thumbs = ""
+    for split in ("valid", "test"):
+        shown = [e for e in entries if e.split == split]
+        if not shown:
+            continue
+        more = (f' <a href="{report_rel}/{galleries[0]}">all {len(shown)} {split} images</a>'
+                if len(shown) > INDEX_THUMBS and galleries else "")
+        thumbs += (f"<h3>{split} images ({len(shown)}){more}</h3>"
+                   + thumbs_html(shown[:INDEX_THUMBS], f"{report_rel}/", final))
+    gallery_link = (f' All images, paginated: <a href="{report_rel}/{galleries[0]}">gallery</a>.' if galleries else "")
+    gains = (f'<h2>Gain over bicubic, per image</h2><p><img src="{gains_png}" alt="PSNR-Y gain over bicubic per '
+             f'image and method"></p><p class="note">PSNR-Y of each method minus bicubic\'s on the same image; a bar '
+             "below zero is an image on which the method loses to plain interpolation.</p>") if gains_png else ""
+    compare = "".join(f"<h3>{html.escape(name.replace('_', ' '))}</h3>{kv_table(content)}"
+                      for name, content in (comparisons or {}).items())
+    compare = (f"<h2>Protocol comparison</h2>{compare}<p class=\"note\">From <code>results/</code> (the inference "
+               "stage).</p>") if compare else ""
+    weight = (f" (weight {metrics['fusion_weight']:.2f})" if "fusion_weight" in metrics else "")
+    page = (page_head("SMT reports", f"{report_rel}/assets")
+            + f"""<h1>SMT: NTIRE 2025 x4 super-resolution, reproduced</h1>
 {verdict}
-<p><b>Protocol.</b> {html.escape(protocol)}. Mean over images. Colour shift: the largest over R, G, B of
-|mean(SR &minus; HR)| on the scored region, in grey levels (mean over images / worst image).</p>
-<p><b>Data.</b> {html.escape(data_note)}</p>
+<h2>Headline: {html.escape(str(final))} against bicubic</h2>
+{headline_table(metrics)}
+<p class="note">{html.escape(protocol)}. Mean over images. Colour shift: the largest over R, G, B of |mean(SR &minus;
+HR)| on the scored region, in grey levels.</p>
+{compare}
+{gains}
+<h2>Look at the images</h2>
+<p>Each thumbnail opens a comparison viewer: the whole image at full resolution, a slider between any two of HR,
+bicubic and every method, zoom and pan in step, each version's PSNR-Y and colour shift.{gallery_link}</p>
+{thumbs}
+<h2>Cost per method</h2>
+<div id="cost"><p class="note">Seconds per image and peak memory are measurements of a run, not results, and stay
+out of the tracked outputs. They appear here once this machine has run the inference stage
+(<code>dvc repro infer</code>, which writes <code>timings/infer.js</code>).</p></div>
+<details><summary>Every method's mean scores (click a column to sort)</summary>
 <p><b>Methods.</b> bicubic: MATLAB-bicubic x4 upscaling (the floor). <i>model</i>: one forward of the final EMA
 weights. +SE: x8 geometric self-ensemble. +MW: the tiled result at several window sizes, averaged with weights.
-fused: the two models' most complete configurations mixed with the weight fit on the validation images
-{('(weight ' + format(metrics['fusion_weight'], '.2f') + ')') if 'fusion_weight' in metrics else ''}.
-Time per image and peak memory are measured per run and kept out of these pages (they differ between runs):
-see <code>timings/infer.json</code> beside <code>reports/</code>.</p>
-{tables}
+fused: the two models' most complete configurations mixed with the weight fit on the validation images{weight}.</p>
+{tables}</details>
+<p><b>Data.</b> {html.escape(data_note)}</p>
 <h2>Stage reports</h2><ul>{links}</ul>
-<h2>Ablations</h2><ul>{ablation_links}</ul>
-<p><small>Raw numbers: <code>metrics.json</code>; per-image scores: <code>report/per_image.csv</code>.</small></p>
+<h2>Ablations</h2><p>Not part of <code>make repro</code>; each writes its page when run:</p><ul>{ablations}</ul>
+<p class="note">Headline numbers for <code>dvc metrics show</code>: <code>reports/metrics/</code>; every method's means:
+<code>report/summary.json</code>; per-image scores: <code>report/per_image.csv</code>.</p>
+<script src="../timings/infer.js"></script>
+<script>{COST_JS}</script>
+<script src="{report_rel}/assets/table.js"></script>
 </body></html>
-"""
+""")
     out = reports_dir / "index.html"
     out.write_text(page)
     return out
-
-
-def write_metrics(path: str | Path, metrics: Mapping) -> None:
-    Path(path).write_text(json.dumps(metrics, indent=2) + "\n")  # keeps the table order

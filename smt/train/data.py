@@ -4,7 +4,9 @@ The sampler draws every random choice of a *global* batch (image, crop corner, f
 generator seeded by ``(seed, step)``; each DDP rank takes its slice of the batch. So the data is a function of
 the step alone: independent of the number of loader workers and processes, unaffected by prefetching, and a
 run resumed at step k sees exactly the batches an uninterrupted run sees. The dataset only applies those
-choices to images it decodes on demand (a small per-process cache keeps the recently used ones). Colour
+choices to images it decodes on demand (a small per-process cache keeps the recently used ones), or, given a
+prepared store (``data.store``, :mod:`smt.data.prepare`), to memory maps of the images' uncompressed arrays:
+the same pixels, so the same patches, without decoding a 2K PNG per patch (docs/data_loading.md). Colour
 augmentations (``train.augment``, :mod:`smt.data.augment`) are drawn after the crops and flips from the same
 generator, so with them off the draws are those of the paper's recipe.
 """
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -24,6 +27,7 @@ from smt.config import AugmentSpec
 from smt.data.augment import PERMUTATIONS, color_matrix, degrade_patch
 from smt.data.images import read_image
 from smt.data.manifest import read_manifest
+from smt.data.prepare import load_array, open_store
 from smt.seeds import sampler_step_seed
 
 __all__ = ["PatchSpec", "PairedPatchDataset", "GlobalBatchSampler", "cut_patch", "read_subset"]
@@ -52,18 +56,28 @@ def augment(x: torch.Tensor, spec: PatchSpec) -> torch.Tensor:
     return x
 
 
-def cut_patch(lr_img: torch.Tensor, hr_img: torch.Tensor, spec: PatchSpec, patch_size: int,
-              scale: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (LR, HR) training pair, float in [0, 1], that ``spec`` cuts from uint8 (3, H, W) LR and HR images:
-    crop, colour transform, channel order, then flips/transpose."""
+def _chw(hwc: np.ndarray) -> torch.Tensor:
+    """A (3, h, w) tensor holding a copy of an (h, w, 3) array (or of the slice of a memory map)."""
+    return torch.from_numpy(np.array(hwc)).permute(2, 0, 1)
+
+
+def cut_patch(lr_img: torch.Tensor | np.ndarray, hr_img: torch.Tensor | np.ndarray, spec: PatchSpec,
+              patch_size: int, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (LR, HR) training pair, float in [0, 1], that ``spec`` cuts from uint8 LR and HR images: crop, colour
+    transform, channel order, then flips/transpose. The images are (3, H, W) tensors (decoded PNGs) or (H, W, 3)
+    arrays (a prepared store's memory maps, of which only the crop is read); both give the same pair."""
     p, s = patch_size, scale
+    y, x = spec.top, spec.left
+    hwc = isinstance(lr_img, np.ndarray)
     if spec.color is None:
-        lr = lr_img[:, spec.top:spec.top + p, spec.left:spec.left + p]
-        hr = hr_img[:, s * spec.top:s * (spec.top + p), s * spec.left:s * (spec.left + p)]
+        if hwc:
+            lr, hr = _chw(lr_img[y:y + p, x:x + p]), _chw(hr_img[s * y:s * (y + p), s * x:s * (x + p)])
+        else:
+            lr, hr = lr_img[:, y:y + p, x:x + p], hr_img[:, s * y:s * (y + p), s * x:s * (x + p)]
     else:  # the LR is re-made from the colour-transformed HR (exactly what degrading the whole image gives)
-        lr_np, hr_np = degrade_patch(hr_img.permute(1, 2, 0).numpy(), spec.top, spec.left, p, s,
+        lr_np, hr_np = degrade_patch(hr_img if hwc else hr_img.permute(1, 2, 0).numpy(), y, x, p, s,
                                      color_matrix(*spec.color))
-        lr, hr = (torch.from_numpy(a).permute(2, 0, 1) for a in (lr_np, hr_np))
+        lr, hr = _chw(lr_np), _chw(hr_np)
     if spec.channels != (0, 1, 2):
         lr, hr = lr[list(spec.channels)], hr[list(spec.channels)]
     return augment(lr, spec).float() / 255.0, augment(hr, spec).float() / 255.0
@@ -83,10 +97,14 @@ class PairedPatchDataset(Dataset):
     Images are read lazily: the constructor keeps only paths and sizes (from the manifest, or the image header
     where the manifest has none) and checks them; ``__getitem__`` decodes the image its patch comes from and
     keeps the last ``cache_images`` decoded LR/HR pairs (least recently used first out) in this process. So the
-    resident memory is bounded by the cache, not the split's size, and each DataLoader worker holds its own."""
+    resident memory is bounded by the cache, not the split's size, and each DataLoader worker holds its own.
+
+    With ``store`` (a folder :func:`smt.data.prepare.prepare_store` wrote from this root), nothing is decoded:
+    the cache holds memory maps of the stored arrays and a patch reads only the rows and columns it covers. The
+    store is checked against the manifest when the dataset is built."""
 
     def __init__(self, root: str | Path, split: str, patch_size: int, scale: int,
-                 subset: Sequence[str] | None = None, cache_images: int = 32) -> None:
+                 subset: Sequence[str] | None = None, cache_images: int = 32, store: str | Path | None = None) -> None:
         if cache_images < 1:
             raise ValueError(f"cache_images must be >= 1, got {cache_images}")
         manifest = read_manifest(root, split)
@@ -111,7 +129,9 @@ class PairedPatchDataset(Dataset):
                 raise ValueError(f"{row['lr_path']}: LR {lr[1]}x{lr[0]} is smaller than the patch size {patch_size}")
             self.lr_sizes.append(lr)
             self.hr_sizes.append(hr)
-        self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.store = Path(store) if store else None
+        self.lr_arrays, self.hr_arrays = open_store(self.store, manifest) if self.store else ([], [])
+        self._cache: OrderedDict[int, tuple] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -125,13 +145,15 @@ class PairedPatchDataset(Dataset):
         state["_cache"] = OrderedDict()  # a spawned DataLoader worker starts with an empty cache
         return state
 
-    def images(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image ``index`` as (LR, HR) uint8 (3, H, W) tensors, from the cache or decoded now."""
+    def images(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[np.ndarray, np.ndarray]:
+        """Image ``index`` as (LR, HR) uint8 (3, H, W) tensors, from the cache or decoded now; with a store,
+        as (H, W, 3) memory maps."""
         pair = self._cache.get(index)
         if pair is not None:
             self._cache.move_to_end(index)
             return pair
-        pair = tuple(self._decode(index, kind) for kind in ("lr", "hr"))
+        read = self._map if self.store else self._decode
+        pair = tuple(read(index, kind) for kind in ("lr", "hr"))
         self._cache[index] = pair
         while len(self._cache) > self.cache_images:
             self._cache.popitem(last=False)
@@ -145,6 +167,19 @@ class PairedPatchDataset(Dataset):
             raise ValueError(f"{path}: image is {img.shape[1]}x{img.shape[0]} but the manifest says "
                              f"{expected[1]}x{expected[0]}; rerun the data stage")
         return torch.from_numpy(img).permute(2, 0, 1).contiguous()
+
+    def _map(self, index: int, kind: str) -> np.ndarray:
+        path = (self.lr_arrays if kind == "lr" else self.hr_arrays)[index]
+        try:
+            arr = load_array(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: missing from the prepared store; rerun the prepare stage "
+                                    "(dvc repro -f prepare)") from None
+        expected = (self.lr_sizes if kind == "lr" else self.hr_sizes)[index]
+        if arr.shape[:2] != expected:
+            raise ValueError(f"{path}: array is {arr.shape[1]}x{arr.shape[0]} but the manifest says "
+                             f"{expected[1]}x{expected[0]}; rerun the prepare stage")
+        return arr
 
     def __getitem__(self, spec: PatchSpec) -> tuple[torch.Tensor, torch.Tensor]:
         return cut_patch(*self.images(spec.image), spec, self.patch_size, self.scale)

@@ -15,6 +15,7 @@ from smt.data.images import image_to_tensor, read_image, tensor_to_image
 from smt.data.manifest import read_manifest
 from smt.distributed import device_for, torchrun
 from smt.evaluate import bicubic_upscale
+from smt.files import atomic_path
 from smt.figures import pyplot, save_crop_grid, save_figure
 from smt.models import load_model
 from smt.train.engine import exported_weights, run_dir, train_stage
@@ -24,7 +25,8 @@ __all__ = ["run_training_stage", "stage_report", "StageReport"]
 
 def run_training_stage(params_path: str, model: str, round_: int, stage: str,
                        timings_path: str | Path | None = None) -> dict:
-    """Train (model, round, stage) in-process, or under torchrun when ``train.nproc``/``nnodes`` > 1. Returns the
+    """Train (model, round, stage) in-process, or under torchrun when ``train.nproc``/``nnodes`` > 1 (several
+    nodes: launched from here on all of them, :func:`smt.distributed.torchrun`; DVC runs once). Returns the
     run's ``metrics.json`` (validation PSNR-Y, steps). Wall-clock seconds are a measurement of this run, not a
     result: they are kept out of the run folder (a DVC output) and written to ``timings_path`` when given, with
     (in-process runs) this session's ``step_seconds`` and, on CUDA, ``peak_mb`` (see ``StageResult``)."""
@@ -34,17 +36,23 @@ def run_training_stage(params_path: str, model: str, round_: int, stage: str,
         raise KeyError(f"unknown model {model!r} (train.models has: {', '.join(cfg.models)})")
     session = {}
     if cfg.nproc == 1 and cfg.nnodes == 1:
-        result = train_stage(cfg, model, round_, stage, data_cfg.root, data_cfg.scale)
+        result = train_stage(cfg, model, round_, stage, data_cfg.root, data_cfg.scale, store=data_cfg.store)
         # this session's step time and peak GPU memory (JSON has no NaN: left out where not measured)
         session = {k: getattr(result, k) for k in ("step_seconds", "peak_mb") if math.isfinite(getattr(result, k))}
     else:
         torchrun(cfg.nproc, ["train", "--params", params_path, "--model", model, "--round", str(round_),
                              "--stage", stage], cfg.nnodes)
     path = run_dir(cfg, model, round_, stage) / "metrics.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: the training job ended without it here. Rank 0 writes it on its node: with "
+            f"train.nnodes > 1, {cfg.out_root}/ must be on storage shared by every node (docs/cluster.md)")
+    # this process (the one DVC runs, once per stage) is the only one that rewrites the file
     metrics = json.loads(path.read_text())
     if "train_seconds" in metrics:  # the engine writes it beside the results; move it out
         seconds = metrics.pop("train_seconds")
-        path.write_text(json.dumps(metrics, indent=2) + "\n")
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2) + "\n")
         if timings_path is not None:
             Path(timings_path).parent.mkdir(parents=True, exist_ok=True)
             Path(timings_path).write_text(json.dumps({"train_seconds": seconds, **session}, indent=2) + "\n")

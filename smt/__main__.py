@@ -113,14 +113,14 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     protocol = None if args.protocol is None else check_protocol(args.protocol, "--protocol")
     if checkpoints and args.bundle:
         raise ValueError("--checkpoint and --bundle: give one of them (or neither, for the pipeline's method)")
+    if args.model is not None:
+        _check_names("--model", "preset", [args.model], _presets())
     if len(checkpoints) > 2 or (len(checkpoints) == 2 and protocol != "bbox"):
         raise ValueError("--checkpoint: one model, or two fused by the authors' protocol (--protocol bbox); "
                          f"got {len(checkpoints)}")
     if protocol == "bbox" and (args.tile is not None or args.self_ensemble or args.bf16):
         raise ValueError("--protocol bbox: their protocol fixes its ensemble, tiling and precision (fp32); "
                          "drop --tile, --self-ensemble and --bf16")
-    if args.model is not None:
-        _check_names("--model", "preset", [args.model], _presets())
     inputs = [*args.inputs, *(args.input or [])]
     if not inputs:
         raise ValueError("-i/--input: no input images or folders given")

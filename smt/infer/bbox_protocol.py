@@ -230,6 +230,11 @@ class BBoxMethod:
         """uint8 HxWx3 LR image -> uint8 SR image."""
         return self.run(image_to_tensor(lr, self.device))
 
+    def run_float255(self, x: torch.Tensor, image: int = 0) -> np.ndarray:
+        """:meth:`run` as floats on the [0, 255] scale, for ``upscale``'s writer (its rounding leaves them as they
+        are): their protocol ends in uint8, so a 16-bit or grey output is made from those levels."""
+        return self.run(x, image).astype(np.float32)
+
     @torch.no_grad()
     def run(self, x: torch.Tensor, image: int = 0) -> np.ndarray:
         """uint8 SR image of ``x``; ``image`` is unused (one seed per run, not per image)."""

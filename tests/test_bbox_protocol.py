@@ -229,3 +229,18 @@ def test_infer_stage_runs_their_protocol_beside_ours_and_instead_of_ours(trained
                 assert table["psnr_y"]["bbox"] == pytest.approx(got, abs=1e-9)
     with pytest.raises(ConfigError, match="one process"):
         parse_section(InferConfig, {"protocol": "bbox", "nproc": 2}, "infer")
+
+
+def test_benchmark_puts_both_protocols_side_by_side_on_the_same_weights(checkpoints, nets, case):
+    from smt.benchmark import run_cli_methods
+
+    seconds: dict[str, list[float]] = {}
+    methods, _, label = run_cli_methods(str(checkpoints["hat"]), None, None, "cpu", protocols=("smt", "bbox"),
+                                        seconds=seconds)
+    assert list(methods) == [label, f"{label} [bbox]"]
+    lr = case["inputs"]["a_odd"].numpy()
+    theirs = methods[f"{label} [bbox]"](lr)
+    np.testing.assert_array_equal(theirs, tensor_to_image(hat_bbox(nets["hat"], image_to_tensor(lr))))
+    assert methods[label](lr).shape == theirs.shape and set(seconds) == set(methods)
+    with pytest.raises(ValueError, match="bbox protocol has its own ensemble"):
+        run_cli_methods(str(checkpoints["hat"]), None, None, "cpu", use_self_ensemble=True, protocols=("bbox",))

@@ -38,7 +38,7 @@ __all__ = ["export_model", "export_checkpoint", "export_bundle", "model_state", 
 BUNDLE_FORMAT = "smt-bundle/1"
 # the infer settings that define the method's output (the rest are execution settings or the table's contents)
 METHOD_FIELDS = ("models", "self_ensemble", "tile", "tile_overlap", "tile_batch", "multi_window_model",
-                 "window_tiles", "window_weights", "routing", "precision", "seed")
+                 "window_tiles", "window_weights", "routing", "precision", "seed", "protocol")
 
 
 def model_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:

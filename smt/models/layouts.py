@@ -22,7 +22,7 @@ from typing import Mapping
 import torch
 
 from smt.models.common import AUX_PREFIX, LEGACY_AUX_PREFIX
-from smt.models.loading import CheckpointError
+from smt.models.errors import CheckpointError
 
 __all__ = ["LAYOUTS", "BBOX_HAT", "BBOX_MAMBAIRV2", "detect_layout", "to_ours", "to_bbox", "aux_scales_of"]
 

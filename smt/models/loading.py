@@ -23,15 +23,14 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from smt.models.errors import CheckpointError
+from smt.models.layouts import to_ours
+
 __all__ = ["CheckpointError", "LoadReport", "read_state_dict", "read_checkpoint", "read_metadata", "load_weights",
            "compare_state_dicts"]
 
 _CONTAINER_KEYS = ("params_ema", "params", "state_dict", "model")
 _PREFIXES = ("module.", "_orig_mod.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model, with the differing keys named."""
 
 
 @dataclass
@@ -80,8 +79,6 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None, str]:
     """``(state_dict in our layout, container_key, layout the file came in)``."""
-    from smt.models.layouts import to_ours
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")

@@ -479,7 +479,7 @@ def _measure(name: str, scratch: Path, wall: float, rss: float, full: dict, para
     if name == "infer":
         inf, finf = params["infer"], full["infer"]
         tiles = {m: ([inf["tile"]] if not m.endswith("+MW") else list(inf["window_tiles"]))
-                 for m in timings if m not in ("stage", "stage_seconds", "fused")}
+                 for m in timings if m not in ("stage", "stage_seconds") and not m.startswith("fused")}
         lr = [(r.lr_height, r.lr_width) for s in ("valid", "test") for r in manifest(s).itertuples()]
         if demo:
             full_images, unknown = len(fd.get("valid_images") or []) + len(fd.get("test_images") or []), []

@@ -221,7 +221,7 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
     torch.save({"params_ema": build_model("hat_tiny").state_dict()}, path)
     assert main(["benchmark", "--checkpoint", str(path), "--model", "hat_tiny", "--sets", "Set5,Set7",
                  "--root", str(tmp_path), "--device", "cpu"]) == 2
-    assert "unknown benchmark set 'Set7'" in capsys.readouterr().err
+    assert "unknown set 'Set7'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------------ CLI, JSON

@@ -149,7 +149,7 @@ def test_triton_launches_run_under_the_input_device(monkeypatch):
     monkeypatch.setattr(ts, "_scan_bwd", FakeKernel("bwd"))
     u = torch.randn(1, 4, 8, requires_grad=True)
     out = ts.selective_scan_triton(u, torch.rand(1, 4, 8), -torch.rand(4, 2), torch.randn(1, 2, 8),
-                                   torch.randn(1, 2, 8))
+                                   torch.randn(1, 2, 8), kernel="serial")
     out.sum().backward()
     assert launched == [("fwd", [u.device]), ("bwd", [u.device])]
 
@@ -286,3 +286,37 @@ def test_check_reports_the_cuda_scan_backend(monkeypatch, fresh_backends):
     scan = [i for i in items if i.what.startswith("selective scan on CUDA:")]
     assert len(scan) == 1 and scan[0].status == "todo"
     assert "selective_scan_cuda does not load" in scan[0].what and ss.cuda_scan_backend()[0] in scan[0].what
+
+
+def test_chunked_triton_launches_run_under_the_input_device(monkeypatch):
+    ts = pytest.importorskip("smt.kernels.triton_scan", reason="Triton is not installed")
+    active, launched = [], []
+
+    class Guard:
+        def __init__(self, x):
+            self.device = x.device
+
+        def __enter__(self):
+            active.append(self.device)
+
+        def __exit__(self, *exc):
+            active.pop()
+
+    class FakeKernel:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((self.name, list(active)))
+            return launch
+
+    monkeypatch.setattr(ts, "_on_device", Guard)
+    for name in ("_chunk_sums", "_chunk_pass", "_chunk_scan_fwd", "_chunk_scan_bwd"):
+        monkeypatch.setattr(ts, name, FakeKernel(name))
+    u = torch.randn(1, 4, 8, requires_grad=True)
+    out = ts.selective_scan_triton(u, torch.rand(1, 4, 8), -torch.rand(4, 2), torch.randn(1, 2, 8),
+                                   torch.randn(1, 2, 8), kernel="chunked")
+    out.sum().backward()
+    assert {n for n, _ in launched} == {"_chunk_sums", "_chunk_pass", "_chunk_scan_fwd", "_chunk_scan_bwd"}
+    assert all(devices == [u.device] for _, devices in launched)

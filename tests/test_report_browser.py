@@ -46,8 +46,8 @@ def site(tmp_path_factory):
                 out = np.clip(bic.astype(int) + offset, 0, 255).astype(np.uint8)
                 write_png(work / "results" / split / method / f"{row.id}x4.png", out)
     (work / "results/methods.json").write_text(json.dumps({"methods": list(OFFSETS)}))
-    (work / "results/protocol_comparison.json").write_text(json.dumps(  # shown by name where present
-        {"valid": {"ours": {"psnr_y": 27.123}, "authors": {"psnr_y": 27.081}}}))
+    (work / "results/protocols.json").write_text(json.dumps(  # shown by name where present, as infer writes it
+        {"split": "valid", "images": 2, "method": "fused", "psnr_y": {"smt": 27.123, "bbox": 27.081}}))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(root=data_cfg.root)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
@@ -121,10 +121,11 @@ def test_index_opens_with_the_headline_chart_thumbnails_and_cost(site, browser):
     cost = browser.eval("document.getElementById('cost').innerText")
     assert "seconds per image" in cost and "0.250" in cost and "512" in cost
     assert browser.eval("document.body.innerText").count("dvc repro ablation_") == 4
-    compare = browser.eval("(h => h.nextElementSibling.innerText + '|' + h.nextElementSibling.nextElementSibling"
-                           ".innerText)(Array.from(document.querySelectorAll('h2')).find(h => h.textContent == "
-                           "'Protocol comparison'))")
-    assert compare.startswith("protocol comparison|") and "authors" in compare and "27.08" in compare
+    compare = browser.eval("(h => [1, 2, 3].map(n => { let e = h; for (let i = 0; i < n; i++) e = e.nextElementSibling;"
+                           " return e.innerText; }).join('|'))(Array.from(document.querySelectorAll('h2'))"
+                           ".find(h => h.textContent == 'Protocol comparison'))")
+    assert "the authors' (infer.protocol: bbox)" in compare and "ours (infer.protocol: smt)" in compare
+    assert "27.123" in compare and "27.081" in compare and "valid images (2)" in compare
 
 
 @needs_browser

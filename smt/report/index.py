@@ -80,6 +80,28 @@ def headline_table(metrics: Mapping) -> str:
             "</table>")
 
 
+PROTOCOL_LABELS = {"smt": "ours (infer.protocol: smt): blended tiles, fitted fusion weight, rounded",
+                   "bbox": "the authors' (infer.protocol: bbox): their TTA and tiling, 0.5/0.5 fusion, truncated"}
+
+
+def protocol_table(content: Mapping, metrics: Mapping) -> str:
+    """A results file comparing protocols (``{"split", "method", "psnr_y": {protocol: dB}, ...}``) as one row per
+    protocol with its gain over bicubic; any other content as a key/value table."""
+    from smt.report.tables import kv_table
+
+    scores = content.get("psnr_y")
+    if not isinstance(scores, Mapping):
+        return kv_table(content)
+    split = str(content.get("split", "test"))
+    bicubic = metrics.get(split, {}).get("bicubic", {}).get("psnr_y")
+    rows = "".join(
+        f"<tr><td>{html.escape(PROTOCOL_LABELS.get(p, p))}</td><td>{v:.3f}</td>"
+        f"<td>{'' if bicubic is None else f'{v - bicubic:+.3f}'}</td></tr>" for p, v in scores.items())
+    return (f"<p>The final method ({html.escape(str(content.get('method', '')))}) on the {html.escape(split)} "
+            f"images ({content.get('images', '?')}):</p><table><thead><tr><th>protocol</th><th>PSNR-Y (dB)</th>"
+            f"<th>gain over bicubic (dB)</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
 def write_index(reports_dir: str | Path, metrics: Mapping, protocol: str, data_note: str, stages: Sequence[str],
                 entries: Sequence[ImageEntry] = (), galleries: Sequence[str] = (), report_rel: str = "report",
                 gains_png: str | None = None, comparisons: Mapping[str, Mapping] | None = None) -> Path:
@@ -89,9 +111,8 @@ def write_index(reports_dir: str | Path, metrics: Mapping, protocol: str, data_n
     listed with the command that writes them. The page depends on nothing but its arguments, so a rerun writes
     the same bytes. ``entries``: the images (thumbnails open ``report_rel/view/...``); ``galleries``: the pages
     listing all of them; ``gains_png``: the gain chart, relative to ``reports_dir``; ``comparisons``: name ->
-    a results file's content (a protocol comparison), shown as key/value tables.
+    a results file's content (a protocol comparison), shown by :func:`protocol_table`.
     """
-    from smt.report.tables import kv_table
 
     reports_dir = Path(reports_dir)
     links = "".join(f'<li><a href="{html.escape(s)}/{html.escape(s)}.html">{html.escape(stage_title(s))}</a></li>'
@@ -120,10 +141,12 @@ def write_index(reports_dir: str | Path, metrics: Mapping, protocol: str, data_n
     gains = (f'<h2>Gain over bicubic, per image</h2><p><img src="{gains_png}" alt="PSNR-Y gain over bicubic per '
              f'image and method"></p><p class="note">PSNR-Y of each method minus bicubic\'s on the same image; a bar '
              "below zero is an image on which the method loses to plain interpolation.</p>") if gains_png else ""
-    compare = "".join(f"<h3>{html.escape(name.replace('_', ' '))}</h3>{kv_table(content)}"
-                      for name, content in (comparisons or {}).items())
-    compare = (f"<h2>Protocol comparison</h2>{compare}<p class=\"note\">From <code>results/</code> (the inference "
-               "stage).</p>") if compare else ""
+    compare = "".join(protocol_table(content, metrics) for content in (comparisons or {}).values())
+    compare = (f"<h2>Protocol comparison</h2><p>The authors' inference protocol against ours, on the same trained "
+               f"weights.</p>{compare}"
+               "<p class=\"note\">From <code>results/protocols.json</code> (the inference stage); seconds per image "
+               "in the cost table below (<code>fused</code> and <code>fused [bbox]</code>). What each protocol does: "
+               "docs/bbox_protocol.md.</p>") if compare else ""
     weight = (f" (weight {metrics['fusion_weight']:.2f})" if "fusion_weight" in metrics else "")
     page = (page_head("SMT reports", f"{report_rel}/assets")
             + f"""<h1>SMT: NTIRE 2025 x4 super-resolution, reproduced</h1>

@@ -10,7 +10,10 @@ from gloo_ranks import run_ranks, train_recording_inputs
 
 def _cfg(out_root, **over) -> TrainConfig:
     raw = {"models": {"hat": {"preset": "hat_tiny"}, "mambairv2": {"preset": "mambairv2_tiny"}},
-           "stages": {"s1": {"patch_size": 8, "batch_size": 4, "loss": "l1", "lr": 1e-3, "iters": 3}},
+           # MSE, not L1: L1's gradient is sign(SR - target), so where SR meets a target to within float rounding (the
+           # x2/x3 targets are plain bicubic resizes, easily met) a rounding difference flips a gradient element
+           # by 2/N, which Adam then amplifies: the comparison would test that chaos, not the batch split
+           "stages": {"s1": {"patch_size": 8, "batch_size": 4, "loss": "mse", "lr": 1e-3, "iters": 3}},
            "stage_order": ["s1"], "out_root": str(out_root), "device": "cpu", "val_every": 0, "ckpt_every": 0,
            "log_every": 1, "val_max_side": 16, "ema_decay": 0.9, "threads": 1}
     raw.update(over)
@@ -36,12 +39,10 @@ def test_accumulation_four_processes_and_full_batch_give_the_same_weights_and_da
     assert w_full.keys() == w_accum.keys() == w_ranks.keys() == w_mixed.keys()
     moved = max((w_full[k] - _initial(k)).abs().max().item() for k in ("conv_first.weight",))
     assert moved > 1e-4  # the comparison is not between untrained models
-    # float rounding of gradient sums in another order, which Adam amplifies where a gradient is near zero (largest
-    # seen: 4.1e-5 on one of 2880 weights of a convolution that all three scales share)
     for k in w_full:
-        torch.testing.assert_close(w_accum[k], w_full[k], rtol=1e-4, atol=6e-5)
-        torch.testing.assert_close(w_ranks[k], w_full[k], rtol=1e-4, atol=6e-5)
-        torch.testing.assert_close(w_mixed[k], w_full[k], rtol=1e-4, atol=6e-5)
+        torch.testing.assert_close(w_accum[k], w_full[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(w_ranks[k], w_full[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(w_mixed[k], w_full[k], rtol=1e-4, atol=1e-5)
 
     # data order: the micro-batches of a step, and the ranks' slices, are the full batch in order
     full_in = torch.load(tmp_path / "full_inputs.rank0")

@@ -244,3 +244,24 @@ def test_benchmark_puts_both_protocols_side_by_side_on_the_same_weights(checkpoi
     assert methods[label](lr).shape == theirs.shape and set(seconds) == set(methods)
     with pytest.raises(ValueError, match="bbox protocol has its own ensemble"):
         run_cli_methods(str(checkpoints["hat"]), None, None, "cpu", use_self_ensemble=True, protocols=("bbox",))
+
+
+@pytest.mark.parametrize("name", ["hat", "mambairv2"])
+def test_export_in_their_layout_gives_back_the_state_dict_their_class_made(checkpoints, name, tmp_path):
+    """Their file -> our loader -> ``export --layout bbox``: the very keys, shapes, dtypes and values their class
+    saved (buffers included), so their loaders (MambaIRv2_Multiscale strict, MSHAT strict=False) load it as the
+    original; the official-layout export of the same file loads into our plain class."""
+    from smt.__main__ import main
+
+    out = tmp_path / f"{name}_bbox.pth"
+    assert main(["export", name, "--checkpoint", str(checkpoints[name]), "--layout", "bbox", "-o", str(out)]) == 0
+    theirs = torch.load(checkpoints[name], weights_only=True)["params"]
+    ours = torch.load(out, weights_only=True)
+    assert list(ours) == ["params"] and set(ours["params"]) == set(theirs)
+    for k, v in theirs.items():
+        assert ours["params"][k].dtype == v.dtype and torch.equal(ours["params"][k], v), k
+    official = tmp_path / f"{name}.pth"
+    assert main(["export", name, "--checkpoint", str(checkpoints[name]), "-o", str(official)]) == 0
+    plain = torch.load(official, weights_only=True)["params_ema"]
+    assert not any(k.startswith(("upsample2", "upsample3", "upsample4", "upsample_2x", "aux_")) for k in plain)
+    assert load_model(official, None, "cpu") is not None

@@ -57,3 +57,16 @@ def demo_root(tmp_path_factory) -> str:
     build_dataset(DataConfig(root=str(root), max_side=48, train_images=("camera", "coins"),
                              valid_images=("astronaut",)))
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def three_valid_root(tmp_path_factory) -> str:
+    """Two training and three validation images (48 px): enough to shard validation over two ranks, or to stop
+    in the middle of a validation."""
+    from smt.config import DataConfig
+    from smt.data.dataset_builder import build_dataset
+
+    root = tmp_path_factory.mktemp("val3") / "d"
+    build_dataset(DataConfig(root=str(root), max_side=48, train_images=("camera", "coins"),
+                             valid_images=("astronaut", "coffee", "grace_hopper")))
+    return str(root)

@@ -284,17 +284,6 @@ def test_one_dvc_stage_launches_two_nodes_and_writes_each_output_once(tmp_path, 
 # ------------------------------------------------------------------------------- stop signal in validation
 
 
-@pytest.fixture(scope="module")
-def three_valid_root(tmp_path_factory) -> str:
-    from smt.config import DataConfig
-    from smt.data.dataset_builder import build_dataset
-
-    root = tmp_path_factory.mktemp("val3c") / "d"
-    build_dataset(DataConfig(root=str(root), max_side=48, train_images=("camera", "coins"),
-                             valid_images=("astronaut", "coffee", "grace_hopper")))
-    return str(root)
-
-
 def test_a_signal_during_validation_ends_it_saves_and_resumes_to_the_same_run(tmp_path, three_valid_root,
                                                                               monkeypatch):
     import signal

@@ -6,21 +6,10 @@ from datetime import timedelta
 import pytest
 import torch
 
-from smt.config import DataConfig, TrainConfig, parse_section
+from smt.config import TrainConfig, parse_section
 from smt.distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, process_group_timeout
 from smt.train.engine import run_dir, validate
 from gloo_ranks import run_ranks, train_runs, validate_sharded
-
-
-@pytest.fixture(scope="module")
-def three_valid_root(tmp_path_factory) -> str:
-    """Two training and three validation images (48 px): enough to shard validation over two ranks."""
-    from smt.data.dataset_builder import build_dataset
-
-    root = tmp_path_factory.mktemp("val3") / "d"
-    build_dataset(DataConfig(root=str(root), max_side=48, train_images=("camera", "coins"),
-                             valid_images=("astronaut", "coffee", "grace_hopper")))
-    return str(root)
 
 
 def _cfg(out_root, **over) -> TrainConfig:

@@ -118,10 +118,10 @@ def test_two_process_job_gives_each_rank_its_gpu(tmp_path, gpus):
 
 # --- Triton scan launches under its input's device -------------------------------------------------------------
 
-def test_triton_launches_run_under_the_input_device(monkeypatch):
-    ts = pytest.importorskip("smt.kernels.triton_scan", reason="Triton is not installed")
-    assert isinstance(ts._on_device(torch.zeros(1)), contextlib.nullcontext)
-    active = []
+def _record_launches(monkeypatch, ts, kernels: dict[str, str]) -> list:
+    """Replace the Triton kernels ``kernels`` (attribute -> label) of module ``ts`` by fakes that record
+    ``(label, devices entered by _on_device at launch)``; returns that record."""
+    active, launched = [], []
 
     class Guard:
         def __init__(self, x):
@@ -133,8 +133,6 @@ def test_triton_launches_run_under_the_input_device(monkeypatch):
         def __exit__(self, *exc):
             active.pop()
 
-    launched = []
-
     class FakeKernel:
         def __init__(self, name):
             self.name = name
@@ -145,8 +143,15 @@ def test_triton_launches_run_under_the_input_device(monkeypatch):
             return launch
 
     monkeypatch.setattr(ts, "_on_device", Guard)
-    monkeypatch.setattr(ts, "_scan_fwd", FakeKernel("fwd"))
-    monkeypatch.setattr(ts, "_scan_bwd", FakeKernel("bwd"))
+    for attr, label in kernels.items():
+        monkeypatch.setattr(ts, attr, FakeKernel(label))
+    return launched
+
+
+def test_triton_launches_run_under_the_input_device(monkeypatch):
+    ts = pytest.importorskip("smt.kernels.triton_scan", reason="Triton is not installed")
+    assert isinstance(ts._on_device(torch.zeros(1)), contextlib.nullcontext)
+    launched = _record_launches(monkeypatch, ts, {"_scan_fwd": "fwd", "_scan_bwd": "bwd"})
     u = torch.randn(1, 4, 8, requires_grad=True)
     out = ts.selective_scan_triton(u, torch.rand(1, 4, 8), -torch.rand(4, 2), torch.randn(1, 2, 8),
                                    torch.randn(1, 2, 8), kernel="serial")
@@ -290,33 +295,11 @@ def test_check_reports_the_cuda_scan_backend(monkeypatch, fresh_backends):
 
 def test_chunked_triton_launches_run_under_the_input_device(monkeypatch):
     ts = pytest.importorskip("smt.kernels.triton_scan", reason="Triton is not installed")
-    active, launched = [], []
-
-    class Guard:
-        def __init__(self, x):
-            self.device = x.device
-
-        def __enter__(self):
-            active.append(self.device)
-
-        def __exit__(self, *exc):
-            active.pop()
-
-    class FakeKernel:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append((self.name, list(active)))
-            return launch
-
-    monkeypatch.setattr(ts, "_on_device", Guard)
-    for name in ("_chunk_sums", "_chunk_pass", "_chunk_scan_fwd", "_chunk_scan_bwd"):
-        monkeypatch.setattr(ts, name, FakeKernel(name))
+    names = ("_chunk_sums", "_chunk_pass", "_chunk_scan_fwd", "_chunk_scan_bwd")
+    launched = _record_launches(monkeypatch, ts, {n: n for n in names})
     u = torch.randn(1, 4, 8, requires_grad=True)
     out = ts.selective_scan_triton(u, torch.rand(1, 4, 8), -torch.rand(4, 2), torch.randn(1, 2, 8),
                                    torch.randn(1, 2, 8), kernel="chunked")
     out.sum().backward()
-    assert {n for n, _ in launched} == {"_chunk_sums", "_chunk_pass", "_chunk_scan_fwd", "_chunk_scan_bwd"}
+    assert {n for n, _ in launched} == set(names)
     assert all(devices == [u.device] for _, devices in launched)
